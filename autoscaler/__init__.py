@@ -1,0 +1,1 @@
+"""SLO-driven scaling policies, demand forecasting and LoRA adapter placement."""

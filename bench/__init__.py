@@ -1,0 +1,1 @@
+"""Benchmarks. Each script prints one JSON object."""

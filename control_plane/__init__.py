@@ -1,0 +1,1 @@
+"""The control plane: state, pools, jobs, tenants, power, the admin API and the CLI."""

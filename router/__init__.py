@@ -1,0 +1,1 @@
+"""gRPC router: authentication, admission, routing policies and the client SDK."""

@@ -1,0 +1,169 @@
+"""Engine API behaviour: bad input, abort, stats, sampling through the engine, streaming."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from workers.engine.async_engine import AsyncEngine
+from workers.engine.engine import Engine
+from workers.engine.errors import (
+    DuplicateRequestError,
+    EmptyPromptError,
+    InvalidRequestError,
+    InvalidSamplingParamsError,
+    PromptTooLongError,
+    UnknownAdapterError,
+)
+from workers.engine.sampling_params import SamplingParams
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_llama) -> Engine:
+    return Engine.from_pretrained(str(tiny_llama), dtype="float32")
+
+
+def _drain(engine: Engine) -> None:
+    while engine.has_unfinished():
+        engine.step()
+
+
+@pytest.mark.parametrize(
+    ("prompt", "error", "match"),
+    [
+        ([], EmptyPromptError, "empty"),
+        ("", EmptyPromptError, "empty"),
+        ([1] * 5000, PromptTooLongError, "context"),
+        ([10**9], InvalidRequestError, "vocabulary"),
+    ],
+)
+def test_bad_prompts_are_refused(engine, prompt, error, match):
+    with pytest.raises(error, match=match):
+        engine.add_request("bad", prompt)
+    assert not engine.has_unfinished()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"top_p": 0.0}, "top_p"),
+        ({"top_p": 1.5}, "top_p"),
+        ({"max_tokens": -1}, "max_tokens"),
+        ({"temperature": -1}, "temperature"),
+    ],
+)
+def test_bad_sampling_params(kwargs, match):
+    with pytest.raises(InvalidSamplingParamsError, match=match):
+        SamplingParams(**kwargs)
+
+
+def test_unknown_adapter_and_duplicate_id(engine):
+    with pytest.raises(UnknownAdapterError, match="nope"):
+        engine.add_request("a", [1, 2, 3], lora_name="nope")
+    engine.add_request("dup", [1, 2, 3], SamplingParams(max_tokens=2))
+    with pytest.raises(DuplicateRequestError):
+        engine.add_request("dup", [4, 5, 6])
+    _drain(engine)
+
+
+def test_bad_request_does_not_disturb_others(engine):
+    engine.add_request("good", [5, 6, 7, 8], SamplingParams(max_tokens=6, ignore_eos=True))
+    engine.step()
+    with pytest.raises(PromptTooLongError):
+        engine.add_request("too-long", [1] * 5000)
+    finished = []
+    while engine.has_unfinished():
+        finished += [o for o in engine.step() if o.finished]
+    assert [(o.request_id, len(o.output_token_ids)) for o in finished] == [("good", 6)]
+
+
+def test_abort_frees_blocks(engine):
+    free = engine.stats().num_kv_blocks_free
+    engine.add_request("long", list(range(3, 60)), SamplingParams(max_tokens=100, ignore_eos=True))
+    engine.step()
+    assert engine.stats().num_kv_blocks_free < free
+    assert engine.abort("long")
+    assert not engine.abort("long")
+    assert engine.stats().num_kv_blocks_free == free
+    assert not engine.has_unfinished()
+
+
+def test_stats_report_load(engine):
+    engine.add_request("s1", list(range(3, 40)), SamplingParams(max_tokens=4, ignore_eos=True))
+    engine.add_request("s2", list(range(3, 10)), SamplingParams(max_tokens=4, ignore_eos=True))
+    stats = engine.stats()
+    assert stats.num_waiting == 2 and stats.num_running == 0
+    engine.step()
+    stats = engine.stats()
+    assert stats.num_running == 2
+    assert stats.num_kv_blocks_used >= 3
+    assert 0 < stats.kv_usage < 1
+    _drain(engine)
+    stats = engine.stats()
+    assert stats.output_tokens_per_s > 0 and stats.num_generated_tokens >= 8
+
+
+def test_seed_reproducible_and_top_k1_is_greedy(engine):
+    prompt = list(range(20, 35))
+    sampled = SamplingParams(max_tokens=12, temperature=1.0, seed=7, ignore_eos=True)
+    a = engine.generate([prompt], sampled)[0].output_token_ids
+    b = engine.generate([prompt, list(range(3, 9))], [sampled, sampled])[0].output_token_ids
+    assert a == b
+    greedy = engine.generate([prompt], SamplingParams(max_tokens=12, ignore_eos=True))[0].output_token_ids
+    top1 = engine.generate([prompt], SamplingParams(max_tokens=12, temperature=1.3, top_k=1, seed=3, ignore_eos=True))
+    assert top1[0].output_token_ids == greedy
+
+
+def test_max_tokens_and_stop_token(engine):
+    prompt = list(range(40, 52))
+    free = engine.generate([prompt], SamplingParams(max_tokens=8, ignore_eos=True))[0]
+    assert len(free.output_token_ids) == 8 and free.finish_reason == "length"
+    stop_at = free.output_token_ids[3]
+    stopped = engine.generate([prompt], SamplingParams(max_tokens=8, stop_token_ids=(stop_at,), ignore_eos=True))[0]
+    assert stopped.finish_reason == "stop"
+    assert stopped.output_token_ids == free.output_token_ids[: free.output_token_ids.index(stop_at) + 1]
+
+
+def test_stop_string_cuts_text(engine):
+    full = engine.generate(["The cluster is"], SamplingParams(max_tokens=16, ignore_eos=True))[0]
+    text = full.text_delta
+    assert text, "the tiny model should produce some text"
+    stop = text[len(text) // 2 : len(text) // 2 + 2].strip() or text[-1]
+    out = engine.generate(["The cluster is"], SamplingParams(max_tokens=16, stop=(stop,), ignore_eos=True))[0]
+    assert out.finish_reason == "stop"
+    assert stop not in out.text_delta
+    assert text.startswith(out.text_delta)
+
+
+def test_logprobs_are_returned(engine):
+    out = engine.generate([[3, 4, 5]], SamplingParams(max_tokens=3, logprobs=2, ignore_eos=True))[0]
+    assert len(out.logprobs) == 3
+    for token, lp in zip(out.output_token_ids, out.logprobs, strict=True):
+        assert token in lp and all(v <= 0 for v in lp.values())
+
+
+def test_async_engine_streams_and_cancels(tiny_llama):
+    engine = Engine.from_pretrained(str(tiny_llama), dtype="float32")
+
+    async def main():
+        with AsyncEngine(engine) as aengine:
+            tokens = []
+            params = SamplingParams(max_tokens=10, ignore_eos=True)
+            async for out in aengine.generate("a", [3, 4, 5, 6], params):
+                tokens.extend(out.new_token_ids)
+            assert len(tokens) == 10 and out.finished
+
+            stream = aengine.generate("b", [3, 4, 5, 6], SamplingParams(max_tokens=500, ignore_eos=True))
+            async for _ in stream:
+                break
+            await stream.aclose()  # a client cancel: the request must be aborted
+            await asyncio.sleep(0.1)
+            stats = await aengine.acall(lambda e: e.stats())
+            assert stats.num_running == 0 and stats.num_kv_blocks_used == 0
+
+            with pytest.raises(EmptyPromptError):
+                async for _ in aengine.generate("c", []):
+                    pass
+
+    asyncio.run(main())

@@ -1,0 +1,1 @@
+"""Worker side of raylane: the inference engine, the trainer, and the Ray actors."""

@@ -1,0 +1,1 @@
+"""raylane's paged-KV, continuous-batching inference engine."""

@@ -1,0 +1,432 @@
+"""The in-process engine: add requests, step, abort, read stats, and move KV between engines."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from workers.engine.config import EngineConfig, parse_dtype
+from workers.engine.detokenizer import IncrementalDetokenizer
+from workers.engine.errors import (
+    DuplicateRequestError,
+    EmptyPromptError,
+    InvalidRequestError,
+    PromptTooLongError,
+    UnknownAdapterError,
+    UnknownRequestError,
+)
+from workers.engine.kv_transfer import KVExport, gather_blocks, scatter_blocks
+from workers.engine.loader import load_model
+from workers.engine.lora import LoRAManager, token_slots
+from workers.engine.model_runner import ModelRunner, allocate_kv_cache, build_step_inputs, num_blocks_for_budget
+from workers.engine.request import Request, RequestOutput, RequestStatus
+from workers.engine.sampler import make_generator, sample
+from workers.engine.sampling_params import SamplingParams
+from workers.engine.scheduler import Scheduler, SchedulerConfig
+from workers.engine.tokenizer import Tokenizer
+
+logger = logging.getLogger(__name__)
+
+_THROUGHPUT_WINDOW_S = 10.0
+
+
+@dataclass
+class EngineStats:
+    """A snapshot of the engine's load, for routers, autoscalers and `raylane status`."""
+
+    num_running: int
+    num_waiting: int
+    num_kv_blocks_total: int
+    num_kv_blocks_used: int
+    num_kv_blocks_free: int
+    kv_usage: float
+    """Used blocks over total blocks, in [0, 1]."""
+    output_tokens_per_s: float
+    """Generated tokens per second over the last ten seconds."""
+    num_generated_tokens: int
+    """Tokens generated since the engine started."""
+    num_preemptions: int
+    prefix_cache_hit_rate: float
+    """Prompt tokens served from the prefix cache over prompt tokens scheduled."""
+    expert_counts: dict[int, list[int]] = field(default_factory=dict)
+    """MoE layer index -> tokens routed to each expert since start."""
+    lora_adapters: list[str] = field(default_factory=list)
+
+
+@dataclass
+class _RequestExtras:
+    """Per-request state the scheduler does not need: detokenizer and sampling generator."""
+
+    detokenizer: IncrementalDetokenizer | None
+    generator: torch.Generator | None
+
+
+class Engine:
+    """A continuous-batching, paged-KV engine that runs in the caller's thread.
+
+    `step()` schedules one batch, runs the model once and returns what each request
+    gained. The engine is not thread-safe; `AsyncEngine` wraps it for concurrent use.
+    """
+
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self._init_threads()
+        self._init_model()
+        self._init_scheduler()
+        self._init_lora()
+        self._extras: dict[str, _RequestExtras] = {}
+        self._token_times: deque[tuple[float, int]] = deque()
+        self._num_generated_tokens = 0
+
+    @classmethod
+    def from_pretrained(cls, model: str, **kwargs) -> Engine:
+        return cls(EngineConfig(model=str(model), **kwargs))
+
+    def _init_threads(self) -> None:
+        if self.config.num_threads is not None:
+            torch.set_num_threads(self.config.num_threads)
+
+    def _init_model(self) -> None:
+        dtype = None if self.config.dtype == "auto" else parse_dtype(self.config.dtype)
+        self.model_config, self.model = load_model(self.config.model, dtype=dtype)
+        self.dtype = next(self.model.parameters()).dtype
+        self.tokenizer = Tokenizer.from_pretrained(self.config.model)
+        self.max_model_len = self.config.max_model_len or self.model_config.max_position_embeddings
+        if self.max_model_len > self.model_config.max_position_embeddings:
+            raise ValueError(
+                f"max_model_len={self.max_model_len} exceeds the model's context "
+                f"({self.model_config.max_position_embeddings})"
+            )
+
+    def _init_scheduler(self) -> None:
+        num_blocks = num_blocks_for_budget(
+            self.model_config,
+            kv_cache_bytes=self.config.kv_cache_bytes,
+            block_size=self.config.block_size,
+            dtype=self.dtype,
+        )
+        kv_cache = allocate_kv_cache(
+            self.model_config, num_blocks=num_blocks, block_size=self.config.block_size, dtype=self.dtype
+        )
+        self.runner = ModelRunner(self.model, self.model_config, kv_cache, self.config.block_size)
+        self.scheduler = Scheduler(
+            SchedulerConfig(
+                block_size=self.config.block_size,
+                num_blocks=num_blocks,
+                max_num_batched_tokens=self.config.max_num_batched_tokens,
+                max_num_seqs=self.config.max_num_seqs,
+                enable_prefix_caching=self.config.enable_prefix_caching,
+                max_model_len=self.max_model_len,
+            )
+        )
+        logger.info(
+            "engine ready model=%s arch=%s dtype=%s kv_blocks=%d block_size=%d kv_bytes=%d",
+            self.config.model,
+            self.model_config.architecture,
+            self.dtype,
+            num_blocks,
+            self.config.block_size,
+            kv_cache.numel() * kv_cache.element_size(),
+        )
+
+    def _init_lora(self) -> None:
+        self.lora: LoRAManager | None = None
+        if self.config.max_loras > 0:
+            self.lora = LoRAManager(
+                self.model.lora_targets(),
+                max_loras=self.config.max_loras,
+                max_lora_rank=self.config.max_lora_rank,
+                dtype=self.dtype,
+            )
+
+    # ---- adapters -------------------------------------------------------------------------
+
+    def add_lora(self, name: str, path: str) -> int:
+        """Register a PEFT adapter under `name`; it is loaded into a slot when a request needs it."""
+        if self.lora is None:
+            raise ValueError("this engine was started with max_loras=0; restart it with max_loras > 0 to serve LoRA")
+        return self.lora.add_adapter(name, path)
+
+    def remove_lora(self, name: str) -> None:
+        if self.lora is None or not self.lora.has_adapter(name):
+            raise UnknownAdapterError(f"no LoRA adapter named {name!r} is loaded")
+        self.lora.remove_adapter(name)
+
+    def list_loras(self) -> list[str]:
+        return [] if self.lora is None else self.lora.list_adapters()
+
+    # ---- requests -------------------------------------------------------------------------
+
+    def add_request(
+        self,
+        request_id: str,
+        prompt: str | Sequence[int],
+        params: SamplingParams | None = None,
+        *,
+        lora_name: str | None = None,
+        priority: int = 0,
+        arrival_time: float | None = None,
+    ) -> None:
+        """Queue a request. Raises an `InvalidRequestError` subclass for bad input."""
+        params = params or SamplingParams()
+        if request_id in self._extras:
+            raise DuplicateRequestError(f"request id {request_id!r} is already in the engine")
+        prompt_ids = self._tokenize(prompt)
+        self._check_prompt_length(len(prompt_ids))
+        request = Request(
+            request_id=request_id,
+            prompt_token_ids=prompt_ids,
+            sampling_params=params,
+            eos_token_ids=self._eos_token_ids(),
+            lora_id=self._resolve_lora(lora_name),
+            lora_name=lora_name,
+            priority=priority,
+            **({} if arrival_time is None else {"arrival_time": arrival_time}),
+        )
+        self.scheduler.add_request(request)
+        self._extras[request_id] = self._make_extras(request, num_emitted_output_tokens=0)
+
+    def abort(self, request_id: str) -> bool:
+        """Stop a request and free its blocks. Returns False when the id is unknown or already done."""
+        if request_id not in self._extras:
+            return False
+        self.scheduler.finish_requests([request_id], RequestStatus.FINISHED_ABORTED)
+        del self._extras[request_id]
+        logger.info("request aborted request_id=%s", request_id)
+        return True
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished_requests()
+
+    def step(self) -> list[RequestOutput]:
+        """Schedule one batch, run the model once, sample, and report each scheduled request's progress."""
+        scheduled = self.scheduler.schedule()
+        if not scheduled.scheduled:
+            return []
+        inputs = build_step_inputs(scheduled.scheduled, block_size=self.config.block_size)
+        logits = self.runner.execute(inputs, self._lora_slots(scheduled.scheduled))
+        sampled = self._sample(logits, inputs.sampling_request_ids)
+        updates = self.scheduler.update_from_output(scheduled, {rid: tok for rid, (tok, _) in sampled.items()})
+        now = time.monotonic()
+        outputs = [self._make_output(request, new_ids, sampled) for request, new_ids in updates]
+        num_new = sum(len(o.new_token_ids) for o in outputs)
+        if num_new:
+            self._token_times.append((now, num_new))
+            self._num_generated_tokens += num_new
+        return outputs
+
+    def generate(
+        self,
+        prompts: Sequence[str | Sequence[int]],
+        params: SamplingParams | Sequence[SamplingParams] | None = None,
+        *,
+        lora_names: Sequence[str | None] | None = None,
+    ) -> list[RequestOutput]:
+        """Run prompts to completion and return one final output per prompt, in order."""
+        params_list = list(params) if isinstance(params, Sequence) else [params or SamplingParams()] * len(prompts)
+        lora_list = list(lora_names) if lora_names is not None else [None] * len(prompts)
+        if not len(params_list) == len(lora_list) == len(prompts):
+            raise ValueError("prompts, params and lora_names must have the same length")
+        ids = [f"generate-{time.monotonic_ns()}-{i}" for i in range(len(prompts))]
+        for rid, prompt, p, lora in zip(ids, prompts, params_list, lora_list, strict=True):
+            self.add_request(rid, prompt, p, lora_name=lora)
+        finals: dict[str, RequestOutput] = {}
+        texts: dict[str, list[str]] = {rid: [] for rid in ids}
+        logprobs: dict[str, list[dict[int, float]]] = {rid: [] for rid in ids}
+        while len(finals) < len(ids):
+            for out in self.step():
+                if out.request_id not in texts:
+                    continue
+                texts[out.request_id].append(out.text_delta)
+                logprobs[out.request_id].extend(out.logprobs or [])
+                if out.finished:
+                    out.text_delta = "".join(texts[out.request_id])
+                    out.logprobs = logprobs[out.request_id] or None
+                    finals[out.request_id] = out
+        return [finals[rid] for rid in ids]
+
+    # ---- KV handoff -----------------------------------------------------------------------
+
+    def export_kv(self, request_id: str, from_block: int = 0) -> KVExport:
+        """Copy a request's computed KV blocks from `from_block` on, plus the state to resume it elsewhere."""
+        request = self._running_request(request_id)
+        block_ids = self.scheduler.get_block_ids(request_id)
+        num_blocks = -(-request.num_computed_tokens // self.config.block_size)
+        if not 0 <= from_block <= num_blocks:
+            raise ValueError(f"from_block={from_block} is outside [0, {num_blocks}] for request {request_id!r}")
+        extras = self._extras[request_id]
+        return KVExport(
+            request_id=request_id,
+            prompt_token_ids=list(request.prompt_token_ids),
+            output_token_ids=list(request.output_token_ids),
+            sampling_params=request.sampling_params,
+            lora_name=request.lora_name,
+            priority=request.priority,
+            num_computed_tokens=request.num_computed_tokens,
+            block_size=self.config.block_size,
+            from_block=from_block,
+            kv=gather_blocks(self.runner.kv_cache, block_ids[from_block:num_blocks]),
+            generator_state=None if extras.generator is None else extras.generator.get_state(),
+        )
+
+    def import_kv(self, export: KVExport) -> None:
+        """Install a request exported by another engine (from block 0) and continue decoding it here."""
+        if export.from_block != 0:
+            raise ValueError("import_kv needs a full export (from_block=0); incremental imports are for migration")
+        if export.block_size != self.config.block_size:
+            raise ValueError(
+                f"block size mismatch: export has {export.block_size}, engine uses {self.config.block_size}"
+            )
+        if export.request_id in self._extras:
+            raise DuplicateRequestError(f"request id {export.request_id!r} is already in the engine")
+        cache_shape = self.runner.kv_cache.shape
+        if export.kv.shape[:2] != cache_shape[:2] or export.kv.shape[3:] != cache_shape[3:]:
+            raise ValueError(f"KV shape {tuple(export.kv.shape)} does not fit this model's cache layout")
+        request = Request(
+            request_id=export.request_id,
+            prompt_token_ids=export.prompt_token_ids,
+            sampling_params=export.sampling_params,
+            eos_token_ids=self._eos_token_ids(),
+            lora_id=self._resolve_lora(export.lora_name),
+            lora_name=export.lora_name,
+            priority=export.priority,
+            output_token_ids=list(export.output_token_ids),
+            num_computed_tokens=export.num_computed_tokens,
+        )
+        block_ids = self.scheduler.add_imported_request(request)
+        scatter_blocks(self.runner.kv_cache, block_ids[: export.kv.shape[2]], export.kv.to(self.dtype))
+        extras = self._make_extras(request, num_emitted_output_tokens=len(export.output_token_ids))
+        if export.generator_state is not None and extras.generator is not None:
+            extras.generator.set_state(export.generator_state)
+        self._extras[export.request_id] = extras
+        logger.info(
+            "kv imported request_id=%s blocks=%d tokens=%d bytes=%d",
+            export.request_id,
+            export.kv.shape[2],
+            export.num_computed_tokens,
+            export.nbytes,
+        )
+
+    # ---- stats ----------------------------------------------------------------------------
+
+    def stats(self) -> EngineStats:
+        now = time.monotonic()
+        while self._token_times and now - self._token_times[0][0] > _THROUGHPUT_WINDOW_S:
+            self._token_times.popleft()
+        window_tokens = sum(n for _, n in self._token_times)
+        total = self.scheduler.num_free_blocks + self.scheduler.num_used_blocks
+        expert_counts = self.model.expert_counts() if self.model_config.is_moe else {}
+        return EngineStats(
+            num_running=self.scheduler.num_running,
+            num_waiting=self.scheduler.num_waiting,
+            num_kv_blocks_total=total,
+            num_kv_blocks_used=self.scheduler.num_used_blocks,
+            num_kv_blocks_free=self.scheduler.num_free_blocks,
+            kv_usage=self.scheduler.num_used_blocks / total,
+            output_tokens_per_s=window_tokens / _THROUGHPUT_WINDOW_S,
+            num_generated_tokens=self._num_generated_tokens,
+            num_preemptions=self.scheduler.num_preemptions,
+            prefix_cache_hit_rate=self.scheduler.prefix_cache_hit_rate,
+            expert_counts=expert_counts,
+            lora_adapters=self.list_loras(),
+        )
+
+    # ---- internals ------------------------------------------------------------------------
+
+    def _tokenize(self, prompt: str | Sequence[int]) -> list[int]:
+        if isinstance(prompt, str):
+            ids = self.tokenizer.encode(prompt)
+        else:
+            ids = [int(t) for t in prompt]
+            vocab = self.model_config.vocab_size
+            bad = next((t for t in ids if not 0 <= t < vocab), None)
+            if bad is not None:
+                raise InvalidRequestError(f"token id {bad} is outside the vocabulary [0, {vocab})")
+        if not ids:
+            raise EmptyPromptError("the prompt is empty; send at least one token")
+        return ids
+
+    def _check_prompt_length(self, num_prompt_tokens: int) -> None:
+        if num_prompt_tokens >= self.max_model_len:
+            raise PromptTooLongError(
+                f"the prompt has {num_prompt_tokens} tokens but the model's context is {self.max_model_len} "
+                "(prompt plus at least one generated token must fit)"
+            )
+
+    def _eos_token_ids(self) -> tuple[int, ...]:
+        return self.model_config.eos_token_ids or self.tokenizer.eos_token_ids
+
+    def _resolve_lora(self, lora_name: str | None) -> int:
+        if lora_name is None:
+            return 0
+        if self.lora is None or not self.lora.has_adapter(lora_name):
+            raise UnknownAdapterError(f"unknown LoRA adapter {lora_name!r}; loaded: {self.list_loras()}")
+        return self.lora.lora_id(lora_name)
+
+    def _running_request(self, request_id: str) -> Request:
+        request = self.scheduler.get_request(request_id)
+        if request is None or request_id not in self._extras:
+            raise UnknownRequestError(f"no request {request_id!r} in this engine")
+        if request.status != RequestStatus.RUNNING or request.num_computed_tokens == 0:
+            raise InvalidRequestError(f"request {request_id!r} has no KV to export (status {request.status.value})")
+        return request
+
+    def _make_extras(self, request: Request, *, num_emitted_output_tokens: int) -> _RequestExtras:
+        params = request.sampling_params
+        detok = None
+        if params.detokenize:
+            emitted = request.output_token_ids[:num_emitted_output_tokens]
+            detok = IncrementalDetokenizer(self.tokenizer, request.prompt_token_ids + emitted, params.stop)
+        generator = None if params.is_greedy else make_generator(params.seed)
+        return _RequestExtras(detokenizer=detok, generator=generator)
+
+    def _lora_slots(self, scheduled: Iterable) -> torch.Tensor | None:
+        if self.lora is None:
+            return None
+        scheduled = list(scheduled)
+        lora_ids = {s.request.lora_id for s in scheduled if s.request.lora_id}
+        if not lora_ids:
+            return None
+        slot_of = self.lora.activate(lora_ids)
+        per_request = [slot_of.get(s.request.lora_id, -1) if s.request.lora_id else -1 for s in scheduled]
+        return token_slots(per_request, [s.num_new_tokens for s in scheduled])
+
+    def _sample(self, logits: torch.Tensor, request_ids: list[str]) -> dict[str, tuple[int, dict[int, float] | None]]:
+        if not request_ids:
+            return {}
+        requests = [self.scheduler.get_request(rid) for rid in request_ids]
+        params = [r.sampling_params for r in requests]
+        generators = [self._extras[rid].generator for rid in request_ids]
+        out = sample(logits, params, generators)
+        return {rid: (tok, lp) for rid, tok, lp in zip(request_ids, out.token_ids, out.logprobs, strict=True)}
+
+    def _make_output(
+        self, request: Request, new_ids: list[int], sampled: dict[str, tuple[int, dict[int, float] | None]]
+    ) -> RequestOutput:
+        extras = self._extras.get(request.request_id)
+        text_delta = ""
+        if extras is not None and extras.detokenizer is not None and new_ids:
+            text_delta, matched = extras.detokenizer.update(new_ids)
+            if matched is not None and not request.is_finished:
+                self.scheduler.finish_requests([request.request_id], RequestStatus.FINISHED_STOPPED)
+        logprobs = None
+        if new_ids and request.sampling_params.logprobs is not None:
+            logprobs = [sampled[request.request_id][1]]
+        if request.is_finished:
+            self._extras.pop(request.request_id, None)
+        return RequestOutput(
+            request_id=request.request_id,
+            new_token_ids=new_ids,
+            output_token_ids=list(request.output_token_ids),
+            text_delta=text_delta,
+            finished=request.is_finished,
+            finish_reason=request.status.value if request.is_finished else None,
+            logprobs=logprobs,
+            num_prompt_tokens=request.num_prompt_tokens,
+            num_cached_tokens=max(request.num_cached_tokens, 0),
+        )

@@ -1,0 +1,54 @@
+"""KV handoff between engines at block granularity: what travels, and how blocks are copied."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from workers.engine.sampling_params import SamplingParams
+
+
+@dataclass
+class KVExport:
+    """A request's KV blocks and everything needed to resume it on another engine.
+
+    `kv` is `[num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim]` holding the
+    request's blocks `from_block, from_block + 1, ...`; the last block may be partly filled.
+    """
+
+    request_id: str
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]
+    sampling_params: SamplingParams
+    lora_name: str | None
+    priority: int
+    num_computed_tokens: int
+    """Tokens whose KV is in `kv` (with the blocks before `from_block`)."""
+    block_size: int
+    from_block: int
+    kv: torch.Tensor
+    generator_state: torch.Tensor | None = None
+    """RNG state of a sampled (non-greedy) request, so a seeded request stays reproducible."""
+
+    @property
+    def num_blocks(self) -> int:
+        return int(self.kv.shape[2])
+
+    @property
+    def nbytes(self) -> int:
+        return self.kv.numel() * self.kv.element_size()
+
+
+def gather_blocks(kv_cache: torch.Tensor, block_ids: list[int]) -> torch.Tensor:
+    """Copy the given blocks out of an engine's KV cache (a new tensor, safe to ship)."""
+    index = torch.tensor(block_ids, dtype=torch.long, device=kv_cache.device)
+    return kv_cache.index_select(2, index)
+
+
+def scatter_blocks(kv_cache: torch.Tensor, block_ids: list[int], blocks: torch.Tensor) -> None:
+    """Write `blocks` (as returned by `gather_blocks`) into the given block ids of `kv_cache`."""
+    if blocks.shape[2] != len(block_ids):
+        raise ValueError(f"{blocks.shape[2]} blocks of KV for {len(block_ids)} destination blocks")
+    index = torch.tensor(block_ids, dtype=torch.long, device=kv_cache.device)
+    kv_cache.index_copy_(2, index, blocks.to(kv_cache.device))

@@ -1,0 +1,71 @@
+"""Building blocks shared by every decoder: attention over the paged KV cache and the dense MLP."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kernels import ops
+from kernels.metadata import AttentionMetadata
+from workers.engine.config import ModelConfig
+from workers.engine.lora_layers import LoRAContext, LoRALinear
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, hidden_size: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size), requires_grad=False)
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        return ops.rms_norm(x, self.weight, self.eps, residual)
+
+
+class Attention(nn.Module):
+    """GQA self-attention with RoPE; writes this step's K/V into the cache, then attends through block tables."""
+
+    def __init__(self, config: ModelConfig, lora_ctx: LoRAContext, cos_sin_cache: torch.Tensor) -> None:
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.scale = self.head_dim**-0.5
+        hidden, q_size, kv_size = config.hidden_size, self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        bias = config.attention_bias
+        self.q_proj = LoRALinear(hidden, q_size, bias=bias, ctx=lora_ctx)
+        self.k_proj = LoRALinear(hidden, kv_size, bias=bias, ctx=lora_ctx)
+        self.v_proj = LoRALinear(hidden, kv_size, bias=bias, ctx=lora_ctx)
+        self.o_proj = LoRALinear(q_size, hidden, bias=False, ctx=lora_ctx)
+        self.cos_sin_cache = cos_sin_cache
+
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        positions: torch.Tensor,
+        key_cache: torch.Tensor,
+        value_cache: torch.Tensor,
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        num_tokens = hidden.shape[0]
+        q = self.q_proj(hidden).view(num_tokens, self.num_heads, self.head_dim)
+        k = self.k_proj(hidden).view(num_tokens, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(hidden).view(num_tokens, self.num_kv_heads, self.head_dim)
+        q, k = ops.apply_rotary(q, k, positions, self.cos_sin_cache)
+        ops.write_kv_cache(k, v, key_cache, value_cache, meta.slot_mapping)
+        out = ops.paged_attention(q, key_cache, value_cache, meta, self.scale)
+        return self.o_proj(out.reshape(num_tokens, self.num_heads * self.head_dim))
+
+
+class DenseMLP(nn.Module):
+    """SwiGLU MLP: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, lora_ctx: LoRAContext | None) -> None:
+        super().__init__()
+        ctx = lora_ctx or LoRAContext()
+        self.gate_proj = LoRALinear(hidden_size, intermediate_size, bias=False, ctx=ctx)
+        self.up_proj = LoRALinear(hidden_size, intermediate_size, bias=False, ctx=ctx)
+        self.down_proj = LoRALinear(intermediate_size, hidden_size, bias=False, ctx=ctx)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))

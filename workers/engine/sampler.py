@@ -1,0 +1,76 @@
+"""Token sampling: greedy, temperature, top-k, top-p, per-request seeds, and top-n logprobs."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from workers.engine.sampling_params import SamplingParams
+
+_FALLBACK_GENERATOR = torch.Generator().manual_seed(0)
+
+
+@dataclass
+class SamplerOutput:
+    token_ids: list[int]
+    logprobs: list[dict[int, float] | None]
+    """Per row: the sampled token's and the top-n tokens' logprobs, or None when not asked for."""
+
+
+def make_generator(seed: int | None) -> torch.Generator | None:
+    """A request's own RNG when it has a seed; None means the sampler's shared one."""
+    return None if seed is None else torch.Generator().manual_seed(seed)
+
+
+def sample(
+    logits: torch.Tensor,
+    params: Sequence[SamplingParams],
+    generators: Sequence[torch.Generator | None],
+) -> SamplerOutput:
+    """Pick one token per row of `logits [N, V]` (float32)."""
+    token_ids = logits.argmax(dim=-1)
+    random_rows = [i for i, p in enumerate(params) if not p.is_greedy]
+    if random_rows:
+        rows = torch.tensor(random_rows)
+        probs = _filtered_probs(logits[rows], [params[i] for i in random_rows])
+        for j, i in enumerate(random_rows):
+            gen = generators[i] or _FALLBACK_GENERATOR
+            token_ids[i] = torch.multinomial(probs[j], 1, generator=gen)[0]
+    ids = token_ids.tolist()
+    logprobs: list[dict[int, float] | None] = [None] * len(ids)
+    wanted = [i for i, p in enumerate(params) if p.logprobs is not None]
+    if wanted:
+        logprobs_all = torch.log_softmax(logits[wanted], dim=-1)
+        for j, i in enumerate(wanted):
+            logprobs[i] = _top_logprobs(logprobs_all[j], ids[i], params[i].logprobs or 0)
+    return SamplerOutput(token_ids=ids, logprobs=logprobs)
+
+
+def _filtered_probs(logits: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
+    """Temperature, then top-k and top-p masks, applied to all random rows at once."""
+    temperature = torch.tensor([p.temperature for p in params], dtype=logits.dtype)
+    logits = logits / temperature[:, None]
+    sorted_logits, sorted_idx = logits.sort(dim=-1, descending=True)
+    vocab = logits.shape[-1]
+    top_k = torch.tensor([p.top_k or vocab for p in params])
+    ranks = torch.arange(vocab)[None, :]
+    drop = ranks >= top_k[:, None]
+    top_p = torch.tensor([p.top_p for p in params], dtype=logits.dtype)
+    if (top_p < 1.0).any():
+        sorted_probs = sorted_logits.masked_fill(drop, float("-inf")).softmax(dim=-1)
+        # Keep a token while the mass before it is below p, so the first token always survives.
+        mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
+        drop |= mass_before >= top_p[:, None]
+    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+    filtered = torch.full_like(logits, float("-inf")).scatter(-1, sorted_idx, sorted_logits)
+    return filtered.softmax(dim=-1)
+
+
+def _top_logprobs(row: torch.Tensor, token: int, n: int) -> dict[int, float]:
+    result = {token: float(row[token])}
+    if n:
+        values, indices = row.topk(n)
+        result.update(zip(indices.tolist(), values.tolist(), strict=True))
+    return result
