@@ -1,166 +1,249 @@
 """Paged KV block bookkeeping: a fixed pool, refcounts, and prefix caching by chained block hash.
 
-No tensors live here; the model runner owns the cache memory and this module decides
-which block ids each request uses.
+No tensors live here: the model runner owns the cache memory, and this module only decides
+which block ids each request uses. The pool never grows.
+
+Prefix caching: a FULL block whose KV has been computed is registered under the key
+`(parent_hash, block_token_ids, lora_id)`; its own hash, `hash(key)`, is the parent of the next
+block, so one key names a whole prefix. A block whose refcount drops to 0 keeps its key and stays
+findable until the free queue hands it out again (least recently freed first).
 """
 
 from __future__ import annotations
 
 import logging
-from collections import OrderedDict
-from collections.abc import Sequence
+from collections import Counter, OrderedDict
+from collections.abc import Iterable, Sequence
 
 from workers.engine.request import Request
 
 logger = logging.getLogger(__name__)
 
+BlockKey = tuple[int | None, tuple[int, ...], int]
+"""(parent block hash or None for the first block, the block's token ids, lora_id)."""
+
+
+def block_key(parent_hash: int | None, token_ids: Sequence[int], lora_id: int) -> BlockKey:
+    """Cache key of one full block: its tokens, everything before it (via the parent) and the adapter."""
+    return (parent_hash, tuple(token_ids), lora_id)
+
 
 def hash_block(parent_hash: int | None, token_ids: Sequence[int], lora_id: int) -> int:
-    """Key of a full block: its tokens, everything before it (through the parent), and the adapter."""
-    return hash((parent_hash, tuple(token_ids), lora_id))
+    """Chained hash of a full block; the parent of the block after it."""
+    return hash(block_key(parent_hash, token_ids, lora_id))
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
 
 
 class BlockPool:
-    """A fixed set of blocks. Blocks with refcount 0 sit in an LRU free queue; those with a hash stay
-    findable by prefix lookups until the queue hands them out again."""
+    """A fixed set of block ids with refcounts, an LRU free queue and the prefix-cache table.
+
+    Free blocks (refcount 0) wait in `_free`; the front is handed out first. A freed block that
+    holds a cached prefix joins the back, so cached blocks are evicted least recently freed first;
+    a freed block with nothing cached joins the front, because reusing it evicts nothing.
+    """
 
     def __init__(self, num_blocks: int) -> None:
         if num_blocks <= 0:
             raise ValueError(f"num_blocks must be positive, got {num_blocks}")
         self.num_blocks = num_blocks
         self.ref_counts = [0] * num_blocks
-        self.block_hashes: list[int | None] = [None] * num_blocks
+        self._keys: list[BlockKey | None] = [None] * num_blocks
         self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
-        self._cached: dict[int, int] = {}
+        # Keyed by the full key, not its hash, so a hash collision can never serve another block's KV.
+        self._cached: dict[BlockKey, int] = {}
         self.num_evictions = 0
 
     @property
     def num_free(self) -> int:
+        """Blocks that can be handed out, cached-but-unused ones included."""
         return len(self._free)
 
-    def lookup(self, block_hash: int) -> int | None:
-        return self._cached.get(block_hash)
+    @property
+    def num_cached(self) -> int:
+        """Blocks findable by prefix lookup, in use or not."""
+        return len(self._cached)
+
+    def is_cached(self, block_id: int) -> bool:
+        return self._keys[block_id] is not None
+
+    def lookup(self, key: BlockKey) -> int | None:
+        return self._cached.get(key)
 
     def allocate(self, count: int) -> list[int]:
-        """Take `count` blocks from the front of the free queue, evicting their cached content."""
+        """Take `count` blocks from the front of the free queue, dropping whatever they cached."""
         assert count <= len(self._free), "caller must check num_free first"
         blocks = []
         for _ in range(count):
             block_id, _ = self._free.popitem(last=False)
-            old_hash = self.block_hashes[block_id]
-            if old_hash is not None:
-                del self._cached[old_hash]
-                self.block_hashes[block_id] = None
+            key = self._keys[block_id]
+            if key is not None:
+                del self._cached[key]
+                self._keys[block_id] = None
                 self.num_evictions += 1
             self.ref_counts[block_id] = 1
             blocks.append(block_id)
         return blocks
 
-    def acquire(self, block_ids: Sequence[int]) -> None:
-        """Take another reference to cached blocks (a prefix hit)."""
+    def acquire(self, block_ids: Iterable[int]) -> None:
+        """Take another reference to cached blocks (a prefix hit), pulling unused ones off the free queue."""
         for block_id in block_ids:
+            assert self._keys[block_id] is not None, f"block {block_id} holds no cached prefix"
             if self.ref_counts[block_id] == 0:
                 del self._free[block_id]
             self.ref_counts[block_id] += 1
 
-    def release(self, block_ids: Sequence[int]) -> None:
-        """Drop a reference; blocks reaching zero join the free queue's tail (evicted last)."""
+    def release(self, block_ids: Iterable[int]) -> None:
+        """Drop one reference to each block; blocks reaching zero join the free queue."""
         for block_id in block_ids:
             assert self.ref_counts[block_id] > 0, f"block {block_id} released twice"
             self.ref_counts[block_id] -= 1
             if self.ref_counts[block_id] == 0:
                 self._free[block_id] = None
+                if self._keys[block_id] is None:
+                    self._free.move_to_end(block_id, last=False)
 
-    def cache(self, block_id: int, block_hash: int) -> None:
-        """Make a computed full block findable by its hash (first writer wins on duplicates)."""
-        if self.block_hashes[block_id] is None and block_hash not in self._cached:
-            self._cached[block_hash] = block_id
-            self.block_hashes[block_id] = block_hash
+    def cache(self, block_id: int, key: BlockKey) -> None:
+        """Make a computed full block findable under `key`; a duplicate of an already cached key stays private."""
+        existing = self._keys[block_id]
+        if existing is not None:
+            assert existing == key, f"block {block_id} is cached under another key"
+            return
+        if key not in self._cached:
+            self._cached[key] = block_id
+            self._keys[block_id] = key
 
 
 class KVCacheManager:
-    """Maps requests to block lists and keeps the prefix cache consistent with what was computed."""
+    """Maps requests to block lists and keeps the prefix cache consistent with what was computed.
+
+    Contract: `allocate` never hands out a block another request can find by prefix lookup until
+    `cache_computed_blocks` is called after the step that computed it, so a cache hit always
+    points at finished KV.
+    """
 
     def __init__(self, *, num_blocks: int, block_size: int, enable_prefix_caching: bool) -> None:
+        if block_size <= 0:
+            raise ValueError(f"block_size must be positive, got {block_size}")
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
         self.pool = BlockPool(num_blocks)
         self._blocks: dict[str, list[int]] = {}
-        self._hashes: dict[str, list[int]] = {}
+        self._num_hashed: dict[str, tuple[int, int | None]] = {}
+        """Per request: how many leading blocks were registered, and the hash of the last of them."""
+
+    # ---- queries ----------------------------------------------------------------------------
+
+    @property
+    def num_blocks(self) -> int:
+        return self.pool.num_blocks
 
     @property
     def num_free_blocks(self) -> int:
         return self.pool.num_free
 
-    def block_ids(self, request_id: str) -> list[int]:
-        return self._blocks.get(request_id, [])
+    @property
+    def num_used_blocks(self) -> int:
+        return self.pool.num_blocks - self.pool.num_free
+
+    @property
+    def num_cached_blocks(self) -> int:
+        return self.pool.num_cached
+
+    @property
+    def num_evictions(self) -> int:
+        return self.pool.num_evictions
+
+    def get_block_ids(self, request_id: str) -> list[int]:
+        """A copy of the request's block table (empty when it holds none)."""
+        return list(self._blocks.get(request_id, ()))
+
+    def ref_count(self, block_id: int) -> int:
+        return self.pool.ref_counts[block_id]
 
     def find_cached_prefix(self, request: Request) -> list[int]:
         """Cached blocks covering the longest full-block prefix of the request's tokens.
 
-        At least one token is always left to compute so the step yields logits to sample.
+        At most `num_tokens - 1` tokens (rounded down to a block) are served from the cache, so the
+        step always computes at least one token and yields logits to sample from.
         """
         if not self.enable_prefix_caching:
             return []
-        max_blocks = (request.num_tokens - 1) // self.block_size
-        hits, parent = [], None
-        for i in range(max_blocks):
-            tokens = request.all_token_ids[i * self.block_size : (i + 1) * self.block_size]
-            parent = hash_block(parent, tokens, request.lora_id)
-            block_id = self.pool.lookup(parent)
+        hits: list[int] = []
+        parent: int | None = None
+        for i in range((request.num_tokens - 1) // self.block_size):
+            key = block_key(parent, self._block_tokens(request, i), request.lora_id)
+            block_id = self.pool.lookup(key)
             if block_id is None:
                 break
             hits.append(block_id)
+            parent = hash(key)
         return hits
 
-    def num_blocks_needed(self, request: Request, num_new_tokens: int, cached_prefix: Sequence[int] = ()) -> int:
-        """Fresh blocks an allocation of `num_new_tokens` would take, counting evictable prefix hits."""
-        held = len(self._blocks.get(request.request_id, ())) + len(cached_prefix)
-        total = self._total_blocks(request, num_new_tokens, cached_prefix)
-        revived = sum(1 for b in cached_prefix if self.pool.ref_counts[b] == 0)
-        return max(total - held, 0) + revived
+    def num_blocks_to_allocate(self, request: Request, num_total_tokens: int, cached_prefix: Sequence[int] = ()) -> int:
+        """Blocks that covering `num_total_tokens` tokens would take off the free queue.
 
-    def _total_blocks(self, request: Request, num_new_tokens: int, cached_prefix: Sequence[int]) -> int:
-        # A fresh request's prefix hits count as computed before the scheduler records them.
-        num_computed = max(request.num_computed_tokens, len(cached_prefix) * self.block_size)
-        return -(-(num_computed + num_new_tokens) // self.block_size)
+        Unused cached blocks among `cached_prefix` count too: reviving them takes them off the queue.
+        """
+        num_held = len(self._blocks.get(request.request_id, ())) + len(cached_prefix)
+        num_fresh = max(cdiv(num_total_tokens, self.block_size) - num_held, 0)
+        num_revived = sum(1 for b in cached_prefix if self.pool.ref_counts[b] == 0)
+        return num_fresh + num_revived
 
-    def allocate(self, request: Request, num_new_tokens: int, cached_prefix: Sequence[int] = ()) -> bool:
-        """Reserve blocks for `num_new_tokens` more tokens. Returns False, changing nothing, when short."""
-        if self.num_blocks_needed(request, num_new_tokens, cached_prefix) > self.pool.num_free:
+    def num_blocks_freed_by(self, request_ids: Iterable[str], exclude: Iterable[int] = ()) -> int:
+        """Blocks that would return to the free queue if all these requests freed theirs.
+
+        Blocks other requests still share do not count, nor do those in `exclude` (a prefix the
+        caller is about to reuse, which would leave the queue again at once).
+        """
+        held = Counter(b for rid in request_ids for b in self._blocks.get(rid, ()))
+        skip = set(exclude)
+        return sum(1 for b, count in held.items() if self.pool.ref_counts[b] == count and b not in skip)
+
+    # ---- changes ----------------------------------------------------------------------------
+
+    def allocate(self, request: Request, num_total_tokens: int, cached_prefix: Sequence[int] = ()) -> bool:
+        """Make the request's blocks cover its first `num_total_tokens` tokens.
+
+        `cached_prefix` (from `find_cached_prefix`) is only for a request that holds no blocks yet.
+        Returns False, changing nothing, when the free queue is too short.
+        """
+        assert not cached_prefix or request.request_id not in self._blocks, "prefix hits only on first allocation"
+        if self.num_blocks_to_allocate(request, num_total_tokens, cached_prefix) > self.pool.num_free:
             return False
         blocks = self._blocks.setdefault(request.request_id, [])
         if cached_prefix:
+            # Acquire before allocating so the fresh blocks cannot evict the hits.
             self.pool.acquire(cached_prefix)
             blocks.extend(cached_prefix)
-            self._hashes[request.request_id] = self._prefix_hashes(request, len(cached_prefix))
-        total = self._total_blocks(request, num_new_tokens, cached_prefix)
-        if total > len(blocks):
-            blocks.extend(self.pool.allocate(total - len(blocks)))
+        num_fresh = cdiv(num_total_tokens, self.block_size) - len(blocks)
+        if num_fresh > 0:
+            blocks.extend(self.pool.allocate(num_fresh))
         return True
 
     def cache_computed_blocks(self, request: Request) -> None:
-        """Register the request's newly completed full blocks in the prefix cache."""
+        """Register the request's full blocks whose KV is now computed (call after each step)."""
         if not self.enable_prefix_caching:
             return
-        hashes = self._hashes.setdefault(request.request_id, [])
         blocks = self._blocks[request.request_id]
+        num_done, parent = self._num_hashed.get(request.request_id, (0, None))
         num_full = request.num_computed_tokens // self.block_size
-        for i in range(len(hashes), num_full):
-            tokens = request.all_token_ids[i * self.block_size : (i + 1) * self.block_size]
-            hashes.append(hash_block(hashes[-1] if hashes else None, tokens, request.lora_id))
-            self.pool.cache(blocks[i], hashes[-1])
+        assert num_full <= len(blocks), "computed tokens beyond the allocated blocks"
+        if num_full <= num_done:
+            return
+        for i in range(num_done, num_full):
+            key = block_key(parent, self._block_tokens(request, i), request.lora_id)
+            self.pool.cache(blocks[i], key)
+            parent = hash(key)
+        self._num_hashed[request.request_id] = (num_full, parent)
 
     def free(self, request_id: str) -> None:
         """Release all of a request's blocks, tail first, so its prefix stays cached the longest."""
         blocks = self._blocks.pop(request_id, [])
-        self._hashes.pop(request_id, None)
-        self.pool.release(blocks[::-1])
+        self._num_hashed.pop(request_id, None)
+        self.pool.release(reversed(blocks))
 
-    def _prefix_hashes(self, request: Request, num_blocks: int) -> list[int]:
-        hashes, parent = [], None
-        for i in range(num_blocks):
-            tokens = request.all_token_ids[i * self.block_size : (i + 1) * self.block_size]
-            parent = hash_block(parent, tokens, request.lora_id)
-            hashes.append(parent)
-        return hashes
+    def _block_tokens(self, request: Request, index: int) -> list[int]:
+        return request.all_token_ids[index * self.block_size : (index + 1) * self.block_size]
