@@ -69,6 +69,7 @@ def _dense_reference(query, meta, dense, scale):
         ([9], [9]),  # one plain prefill
         ([3, 13, 21, 16], [1, 1, 7, 16]),  # decodes, a chunk over a cached prefix, a full prefill
         ([33], [1]),
+        ([int(n) for n in torch.randint(1, 60, (40,), generator=torch.Generator().manual_seed(3))], [1] * 40),
     ],
 )
 def test_paged_attention_matches_dense(heads, kv_heads, seq_lens, query_lens):

@@ -167,3 +167,12 @@ def test_async_engine_streams_and_cancels(tiny_llama):
                     pass
 
     asyncio.run(main())
+
+
+def test_moe_stats_count_tokens_per_expert(tiny_models):
+    engine = Engine.from_pretrained(str(tiny_models["mixtral"]), dtype="float32")
+    engine.generate([list(range(3, 20))], SamplingParams(max_tokens=5, ignore_eos=True))
+    counts = engine.stats().expert_counts
+    assert sorted(counts) == [0, 1]  # both layers are MoE
+    # 17 prompt tokens + 4 decoded (the 5th token is sampled, never fed back), top-2 routing.
+    assert all(sum(per_expert) == (17 + 4) * 2 for per_expert in counts.values())
