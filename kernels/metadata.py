@@ -15,7 +15,8 @@ class AttentionMetadata:
     `num_decodes` sequences have exactly one query token each (decodes); the rest are
     prefill chunks of any length that attend to their cached prefix and causally to
     themselves. The KV cache of one layer is a pair of tensors shaped
-    `[num_blocks, block_size, num_kv_heads, head_dim]`.
+    `[num_kv_heads, num_blocks, block_size, head_dim]` (head-major, so one head's block
+    is contiguous and gathered rows are contiguous per head).
     """
 
     slot_mapping: torch.Tensor

@@ -29,8 +29,10 @@ def write_kv_cache(
 ) -> None:
     if key.shape != value.shape or key.shape[0] != slot_mapping.shape[0]:
         raise ValueError(f"key {tuple(key.shape)}, value {tuple(value.shape)} and {slot_mapping.shape[0]} slots differ")
-    if key.shape[1:] != key_cache.shape[2:]:
-        raise ValueError(f"key heads/dim {tuple(key.shape[1:])} do not match the cache {tuple(key_cache.shape[2:])}")
+    if key.shape[1] != key_cache.shape[0] or key.shape[2] != key_cache.shape[3]:
+        raise ValueError(
+            f"key heads/dim {tuple(key.shape[1:])} do not match the [kvh, NB, bs, d] cache {tuple(key_cache.shape)}"
+        )
     attention.write_kv_cache(key, value, key_cache, value_cache, slot_mapping)
 
 
@@ -43,8 +45,8 @@ def paged_attention(
 ) -> torch.Tensor:
     if query.dim() != 3 or query.shape[2] != key_cache.shape[3]:
         raise ValueError(f"query {tuple(query.shape)} must be [T, heads, {key_cache.shape[3]}]")
-    if query.shape[1] % key_cache.shape[2]:
-        raise ValueError(f"{query.shape[1]} query heads are not a multiple of {key_cache.shape[2]} KV heads")
+    if query.shape[1] % key_cache.shape[0]:
+        raise ValueError(f"{query.shape[1]} query heads are not a multiple of {key_cache.shape[0]} KV heads")
     return attention.paged_attention(query, key_cache, value_cache, meta, scale)
 
 

@@ -14,7 +14,7 @@ def _build_batch(seq_lens, query_lens, *, heads, kv_heads, head_dim=16, block_si
     """A paged cache filled with random K/V plus the dense per-sequence copies to check against."""
     gen = torch.Generator().manual_seed(seed)
     num_blocks = sum(-(-n // block_size) for n in seq_lens) + 3
-    key_cache = torch.zeros(num_blocks, block_size, kv_heads, head_dim)
+    key_cache = torch.zeros(kv_heads, num_blocks, block_size, head_dim)
     value_cache = torch.zeros_like(key_cache)
     perm = torch.randperm(num_blocks, generator=gen).tolist()
     max_blocks = max(-(-n // block_size) for n in seq_lens)
@@ -86,10 +86,11 @@ def test_paged_attention_bf16_is_close():
 
 
 def test_write_kv_cache_scatters_to_slots():
-    kc, vc = torch.zeros(4, 2, 1, 3), torch.zeros(4, 2, 1, 3)
-    key, value = torch.randn(3, 1, 3), torch.randn(3, 1, 3)
+    kc, vc = torch.zeros(2, 4, 2, 3), torch.zeros(2, 4, 2, 3)  # [kvh, blocks, block_size, head_dim]
+    key, value = torch.randn(3, 2, 3), torch.randn(3, 2, 3)
     ops.write_kv_cache(key, value, kc, vc, torch.tensor([7, 0, 3]))
-    assert torch.equal(kc[3, 1], key[0]) and torch.equal(kc[0, 0], key[1]) and torch.equal(vc[1, 1], value[2])
+    assert torch.equal(kc[:, 3, 1], key[0]) and torch.equal(kc[:, 0, 0], key[1])
+    assert torch.equal(vc[:, 1, 1], value[2])
     with pytest.raises(ValueError, match="slots"):
         ops.write_kv_cache(key, value, kc, vc, torch.tensor([1]))
 

@@ -20,7 +20,7 @@ from workers.engine.errors import (
     UnknownAdapterError,
     UnknownRequestError,
 )
-from workers.engine.kv_transfer import KVExport, gather_blocks, scatter_blocks
+from workers.engine.kv_transfer import BLOCK_DIM, KVExport, gather_blocks, scatter_blocks
 from workers.engine.loader import load_model
 from workers.engine.lora import LoRAManager, token_slots
 from workers.engine.model_runner import ModelRunner, allocate_kv_cache, build_step_inputs, num_blocks_for_budget
@@ -284,8 +284,9 @@ class Engine:
             )
         if export.request_id in self._extras:
             raise DuplicateRequestError(f"request id {export.request_id!r} is already in the engine")
-        cache_shape = self.runner.kv_cache.shape
-        if export.kv.shape[:2] != cache_shape[:2] or export.kv.shape[3:] != cache_shape[3:]:
+        cache_shape = list(self.runner.kv_cache.shape)
+        cache_shape[BLOCK_DIM] = export.num_blocks
+        if list(export.kv.shape) != cache_shape:
             raise ValueError(f"KV shape {tuple(export.kv.shape)} does not fit this model's cache layout")
         request = Request(
             request_id=export.request_id,
@@ -299,7 +300,7 @@ class Engine:
             num_computed_tokens=export.num_computed_tokens,
         )
         block_ids = self.scheduler.add_imported_request(request)
-        scatter_blocks(self.runner.kv_cache, block_ids[: export.kv.shape[2]], export.kv.to(self.dtype))
+        scatter_blocks(self.runner.kv_cache, block_ids[: export.num_blocks], export.kv.to(self.dtype))
         extras = self._make_extras(request, num_emitted_output_tokens=len(export.output_token_ids))
         if export.generator_state is not None and extras.generator is not None:
             extras.generator.set_state(export.generator_state)
@@ -307,7 +308,7 @@ class Engine:
         logger.info(
             "kv imported request_id=%s blocks=%d tokens=%d bytes=%d",
             export.request_id,
-            export.kv.shape[2],
+            export.num_blocks,
             export.num_computed_tokens,
             export.nbytes,
         )

@@ -8,12 +8,15 @@ import torch
 
 from workers.engine.sampling_params import SamplingParams
 
+BLOCK_DIM = 3
+"""The block axis of an engine's KV cache `[num_layers, 2, num_kv_heads, num_blocks, block_size, head_dim]`."""
+
 
 @dataclass
 class KVExport:
     """A request's KV blocks and everything needed to resume it on another engine.
 
-    `kv` is `[num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim]` holding the
+    `kv` is `[num_layers, 2, num_kv_heads, num_blocks, block_size, head_dim]` holding the
     request's blocks `from_block, from_block + 1, ...`; the last block may be partly filled.
     """
 
@@ -33,7 +36,7 @@ class KVExport:
 
     @property
     def num_blocks(self) -> int:
-        return int(self.kv.shape[2])
+        return int(self.kv.shape[BLOCK_DIM])
 
     @property
     def nbytes(self) -> int:
@@ -43,12 +46,12 @@ class KVExport:
 def gather_blocks(kv_cache: torch.Tensor, block_ids: list[int]) -> torch.Tensor:
     """Copy the given blocks out of an engine's KV cache (a new tensor, safe to ship)."""
     index = torch.tensor(block_ids, dtype=torch.long, device=kv_cache.device)
-    return kv_cache.index_select(2, index)
+    return kv_cache.index_select(BLOCK_DIM, index)
 
 
 def scatter_blocks(kv_cache: torch.Tensor, block_ids: list[int], blocks: torch.Tensor) -> None:
     """Write `blocks` (as returned by `gather_blocks`) into the given block ids of `kv_cache`."""
-    if blocks.shape[2] != len(block_ids):
-        raise ValueError(f"{blocks.shape[2]} blocks of KV for {len(block_ids)} destination blocks")
+    if blocks.shape[BLOCK_DIM] != len(block_ids):
+        raise ValueError(f"{blocks.shape[BLOCK_DIM]} blocks of KV for {len(block_ids)} destination blocks")
     index = torch.tensor(block_ids, dtype=torch.long, device=kv_cache.device)
-    kv_cache.index_copy_(2, index, blocks.to(kv_cache.device))
+    kv_cache.index_copy_(BLOCK_DIM, index, blocks.to(kv_cache.device))

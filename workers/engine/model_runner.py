@@ -35,13 +35,13 @@ class StepInputs:
 def allocate_kv_cache(
     model_config: ModelConfig, *, num_blocks: int, block_size: int, dtype: torch.dtype, device: str = "cpu"
 ) -> torch.Tensor:
-    """One tensor for all layers: [num_layers, 2 (K, V), num_blocks, block_size, num_kv_heads, head_dim]."""
+    """One tensor for all layers: [num_layers, 2 (K, V), num_kv_heads, num_blocks, block_size, head_dim]."""
     shape = (
         model_config.num_hidden_layers,
         2,
+        model_config.num_key_value_heads,
         num_blocks,
         block_size,
-        model_config.num_key_value_heads,
         model_config.head_dim,
     )
     return torch.zeros(shape, dtype=dtype, device=device)

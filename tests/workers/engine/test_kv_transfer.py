@@ -65,7 +65,7 @@ def test_incremental_export_returns_only_new_blocks(tiny_llama):
     full = engine.export_kv("x")
     tail = engine.export_kv("x", from_block=2)
     assert tail.num_blocks == full.num_blocks - 2
-    assert (tail.kv == full.kv[:, :, 2:]).all()
+    assert (tail.kv == full.kv[:, :, :, 2:]).all()
     with pytest.raises(ValueError, match="from_block"):
         engine.export_kv("x", from_block=full.num_blocks + 1)
 
