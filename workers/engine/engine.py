@@ -122,6 +122,7 @@ class Engine:
                 max_num_seqs=self.config.max_num_seqs,
                 enable_prefix_caching=self.config.enable_prefix_caching,
                 max_model_len=self.max_model_len,
+                max_loras=self.config.max_loras or None,
             )
         )
         logger.info(

@@ -45,8 +45,9 @@ def load_model(path: str | Path, dtype: torch.dtype | str | None = None) -> tupl
     path = Path(path)
     config = ModelConfig.from_pretrained(path)
     if dtype is None:
-        dtype = parse_dtype(config.torch_dtype) if config.torch_dtype in ("float32", "bfloat16", "float16") else None
-    dtype = parse_dtype(dtype) if dtype is not None else torch.float32
+        # Checkpoints saved in a dtype we do not compute in (e.g. float64) run in float32.
+        dtype = config.torch_dtype if config.torch_dtype in ("float32", "bfloat16", "float16") else "float32"
+    dtype = parse_dtype(dtype)
     files = checkpoint_files(path)
     model = build_model(config, dtype)
     model.load_weights(iter_weights(files, dtype))

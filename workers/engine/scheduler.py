@@ -230,10 +230,20 @@ class Scheduler:
         return True
 
     def _schedule_waiting(self, step: _Step) -> None:
-        while self.waiting and step.budget > 0 and len(self.running) < self.config.max_num_seqs:
-            request = self.waiting[0]
+        for request in list(self.waiting):
+            if step.budget <= 0 or len(self.running) >= self.config.max_num_seqs:
+                return
+            # A request whose adapter has no free slot waits; requests behind it may still start.
+            if not self._fits_lora_slots(request):
+                continue
             if request.request_id in step.preempted or not self._admit(request, step):
                 return
+
+    def _fits_lora_slots(self, request: Request) -> bool:
+        if self.config.max_loras is None or request.lora_id == 0:
+            return True
+        active = {r.lora_id for r in self.running if r.lora_id}
+        return request.lora_id in active or len(active) < self.config.max_loras
 
     def _admit(self, request: Request, step: _Step) -> bool:
         """Start (or restart) a waiting request with its first chunk; False when blocks are short."""

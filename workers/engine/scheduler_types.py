@@ -27,6 +27,8 @@ class SchedulerConfig:
     """Reuse cached full blocks across requests that share a prompt prefix (and adapter)."""
     max_model_len: int | None = None
     """Longest prompt plus output; None leaves only the KV pool as the limit."""
+    max_loras: int | None = None
+    """Most distinct LoRA adapters among running requests (the engine's adapter slots); None is unlimited."""
 
     def __post_init__(self) -> None:
         for name in ("block_size", "num_blocks", "max_num_batched_tokens", "max_num_seqs"):

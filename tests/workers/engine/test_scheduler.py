@@ -471,3 +471,17 @@ def test_tight_pool_with_preemption_matches_roomy_pool(caching):
     assert tight_sched.num_preemptions > 0
     assert tight_sched.num_used_blocks == 0 and tight_sched.num_free_blocks == 12
     assert (tight_sched.num_prefix_cache_hits > 0) == caching
+
+
+def test_max_loras_bounds_distinct_adapters_but_lets_others_pass():
+    s = _sched(max_loras=1)
+    for rid, lora in (("a1", 1), ("b", 2), ("base", 0), ("a2", 1)):
+        s.add_request(_req(rid, 3, max_tokens=2, lora_id=lora))
+    out, _ = _step(s)
+    assert set(_chunks(out)) == {"a1", "base", "a2"}  # "b" waits: its adapter has no slot
+    seen_together = set()
+    while s.has_unfinished_requests():
+        out, _ = _step(s)
+        seen_together.add(frozenset(x.request.lora_id for x in out.scheduled if x.request.lora_id))
+    assert all(len(loras) <= 1 for loras in seen_together)
+    assert frozenset({2}) in seen_together  # "b" ran once the adapter-1 requests finished
