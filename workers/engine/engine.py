@@ -156,6 +156,10 @@ class Engine:
     def remove_lora(self, name: str) -> None:
         if self.lora is None or not self.lora.has_adapter(name):
             raise UnknownAdapterError(f"no LoRA adapter named {name!r} is loaded")
+        lora_id = self.lora.lora_id(name)
+        users = [r.request_id for r in self.scheduler.requests.values() if r.lora_id == lora_id]
+        if users:
+            raise InvalidRequestError(f"adapter {name!r} is in use by {len(users)} request(s), e.g. {users[0]!r}")
         self.lora.remove_adapter(name)
 
     def list_loras(self) -> list[str]:

@@ -176,3 +176,18 @@ def test_moe_stats_count_tokens_per_expert(tiny_models):
     assert sorted(counts) == [0, 1]  # both layers are MoE
     # 17 prompt tokens + 4 decoded (the 5th token is sampled, never fed back), top-2 routing.
     assert all(sum(per_expert) == (17 + 4) * 2 for per_expert in counts.values())
+
+
+def test_adapters_add_and_remove_at_runtime(tiny_llama, tiny_loras):
+    engine = Engine.from_pretrained(str(tiny_llama), dtype="float32", max_loras=1)
+    engine.add_lora("a", str(tiny_loras["a"]))
+    engine.add_request("x", [3, 4, 5], SamplingParams(max_tokens=3, ignore_eos=True), lora_name="a")
+    with pytest.raises(InvalidRequestError, match="in use"):
+        engine.remove_lora("a")
+    _drain(engine)
+    engine.remove_lora("a")
+    assert engine.list_loras() == []
+    with pytest.raises(UnknownAdapterError):
+        engine.add_request("y", [3, 4, 5], lora_name="a")
+    with pytest.raises(UnknownAdapterError):
+        engine.remove_lora("a")
