@@ -49,6 +49,14 @@ class IncrementalDetokenizer:
             self._text += self._decode_new()
         return self._emit()
 
+    def flush(self) -> str:
+        """Release text held back as a possible stop-string prefix; call when the request ends otherwise."""
+        if self.stopped:
+            return ""
+        delta = self._text[len(self.output_text) :]
+        self.output_text += delta
+        return delta
+
     def _decode_new(self) -> str:
         prefix = self._decode(self._tokens[self._prefix_offset : self._read_offset])
         full = self._decode(self._tokens[self._prefix_offset :])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -27,7 +27,7 @@ from workers.engine.model_runner import ModelRunner, allocate_kv_cache, build_st
 from workers.engine.request import Request, RequestOutput, RequestStatus
 from workers.engine.sampler import make_generator, sample
 from workers.engine.sampling_params import SamplingParams
-from workers.engine.scheduler import Scheduler, SchedulerConfig
+from workers.engine.scheduler import ScheduledRequest, Scheduler, SchedulerConfig
 from workers.engine.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -265,6 +265,13 @@ class Engine:
         if not 0 <= from_block <= num_blocks:
             raise ValueError(f"from_block={from_block} is outside [0, {num_blocks}] for request {request_id!r}")
         extras = self._extras[request_id]
+        logger.info(
+            "kv export request_id=%s from_block=%d blocks=%d tokens=%d",
+            request_id,
+            from_block,
+            num_blocks - from_block,
+            request.num_computed_tokens,
+        )
         return KVExport(
             request_id=request_id,
             prompt_token_ids=list(request.prompt_token_ids),
@@ -391,10 +398,9 @@ class Engine:
         generator = None if params.is_greedy else make_generator(params.seed)
         return _RequestExtras(detokenizer=detok, generator=generator)
 
-    def _lora_slots(self, scheduled: Iterable) -> torch.Tensor | None:
+    def _lora_slots(self, scheduled: Sequence[ScheduledRequest]) -> torch.Tensor | None:
         if self.lora is None:
             return None
-        scheduled = list(scheduled)
         lora_ids = {s.request.lora_id for s in scheduled if s.request.lora_id}
         if not lora_ids:
             return None
@@ -420,6 +426,8 @@ class Engine:
             text_delta, matched = extras.detokenizer.update(new_ids)
             if matched is not None and not request.is_finished:
                 self.scheduler.finish_requests([request.request_id], RequestStatus.FINISHED_STOPPED)
+            elif request.is_finished:
+                text_delta += extras.detokenizer.flush()
         logprobs = None
         if new_ids and request.sampling_params.logprobs is not None:
             logprobs = [sampled[request.request_id][1]]

@@ -123,3 +123,11 @@ def test_detokenizer_releases_held_back_text(tokenizer):
         assert matched is None
         text += delta
     assert text == "the lazy dog"
+
+
+def test_detokenizer_flush_releases_a_held_back_tail(tokenizer):
+    detok = IncrementalDetokenizer(tokenizer, [], stop=("dog house",))
+    text = "".join(detok.update([t])[0] for t in tokenizer.encode("the lazy dog"))
+    assert text == "the lazy "  # "dog" could still become "dog house"
+    assert detok.flush() == "dog"
+    assert detok.output_text == "the lazy dog"
