@@ -191,3 +191,22 @@ def test_adapters_add_and_remove_at_runtime(tiny_llama, tiny_loras):
         engine.add_request("y", [3, 4, 5], lora_name="a")
     with pytest.raises(UnknownAdapterError):
         engine.remove_lora("a")
+
+
+def test_preemption_by_recompute_keeps_greedy_outputs(tiny_llama):
+    """A pool too small for the batch forces preemptions; recomputed requests still produce the same tokens."""
+    prompts = [list(range(3 + i, 30 + 3 * i)) for i in range(6)]
+    params = SamplingParams(max_tokens=24, ignore_eos=True, detokenize=False)
+    roomy = Engine.from_pretrained(str(tiny_llama), dtype="float32")
+    expected = [o.output_token_ids for o in roomy.generate(prompts, params)]
+    # tiny Llama: 2 layers x 2 KV heads x 16 dims x 2 (K,V) x 4 bytes = 512 bytes per token, 8 KiB per block.
+    tight = Engine.from_pretrained(str(tiny_llama), dtype="float32", kv_cache_bytes=12 * 8192)
+    priorities = [0, 1, 0, 2, 1, 0]
+    for i, (prompt, priority) in enumerate(zip(prompts, priorities, strict=True)):
+        tight.add_request(f"r{i}", prompt, params, priority=priority)
+    finished = {}
+    while tight.has_unfinished():
+        finished.update({o.request_id: o.output_token_ids for o in tight.step() if o.finished})
+    assert tight.stats().num_preemptions > 0
+    assert [finished[f"r{i}"] for i in range(6)] == expected
+    assert tight.stats().num_kv_blocks_used == 0
