@@ -149,3 +149,35 @@ def test_prefix_cache_reuses_blocks_across_requests(tiny_models):
     assert fresh.generate([[*shared, 9]], SamplingParams(max_tokens=4, ignore_eos=True))[0].output_token_ids == (
         second.output_token_ids
     )
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "mistral"])
+def test_other_dense_archs_match_transformers(tmp_path, arch):
+    from workers.engine.tiny import make_tiny_model
+
+    model_dir = make_tiny_model(arch, tmp_path / arch, seed=4)
+    prompts = random_prompts(256, [6, 21], seed=8)
+    _, ours, _ = run_engine(model_dir, prompts)
+    assert_matches(ours, hf_greedy(model_dir, prompts))
+
+
+def test_llama3_rope_scaling_and_tied_embeddings_match_transformers(tmp_path):
+    from workers.engine.tiny import make_tiny_model
+
+    model_dir = make_tiny_model(
+        "llama",
+        tmp_path / "llama3",
+        seed=5,
+        tie_word_embeddings=True,
+        rope_theta=500000.0,
+        rope_scaling={
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 32,
+        },
+    )
+    prompts = random_prompts(256, [9, 40], seed=9)  # positions beyond the original 32-token context
+    _, ours, _ = run_engine(model_dir, prompts, max_num_batched_tokens=16, max_num_seqs=2)
+    assert_matches(ours, hf_greedy(model_dir, prompts))
