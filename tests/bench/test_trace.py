@@ -3,37 +3,128 @@ from __future__ import annotations
 import itertools
 import random
 
+import numpy as np
 import pytest
 
-from bench._trace import TraceRequest, fit_to_context, load_trace, random_prompt, sample_requests, scale_requests
+from bench._trace import (
+    DEFAULT_TRACE,
+    NUM_SPECIAL_IDS,
+    Scaling,
+    TraceRequest,
+    fit_to_context,
+    load_trace,
+    random_prompt,
+    sample_requests,
+    scale_requests,
+    scaling_summary,
+)
+from bench.engine import latency_from_token_times, percentiles_ms, ratios
 
 
-def test_load_trace_is_relative_and_complete():
+def req(prompt_len: int, output_len: int, arrival_s: float = 0.0) -> TraceRequest:
+    return TraceRequest(arrival_s=arrival_s, prompt_len=prompt_len, output_len=output_len)
+
+
+@pytest.mark.skipif(not DEFAULT_TRACE.is_file(), reason="the shared Azure trace is not checked out next to the repo")
+def test_load_trace_reads_every_row_relative_to_the_first():
     trace = load_trace()
     assert len(trace) == 19366
-    assert trace[0].arrival_s == 0.0
+    assert trace[0] == req(374, 44, 0.0)
+    # Second row: 2023-11-16 18:15:50.9951690 minus 18:15:46.6805900 (7th fractional digit dropped).
+    assert trace[1] == req(396, 109, pytest.approx(4.314579))
     assert all(b.arrival_s >= a.arrival_s for a, b in itertools.pairwise(trace))
-    assert trace[0].prompt_len == 374 and trace[0].output_len == 44
 
 
-def test_scaling_fits_the_context():
-    reqs = [TraceRequest(0, 4000, 300), TraceRequest(1, 100, 900), TraceRequest(2, 10, 5)]
+def test_load_trace_parses_a_small_file(tmp_path):
+    path = tmp_path / "t.csv"
+    path.write_text(
+        "TIMESTAMP,ContextTokens,GeneratedTokens\n2023-11-16 18:00:00.0000000,10,2\n2023-11-16 18:01:00.5000009,20,3\n"
+    )
+    assert load_trace(path) == [req(10, 2, 0.0), req(20, 3, 60.5)]
+
+
+def test_load_trace_rejects_missing_and_empty_files(tmp_path):
+    with pytest.raises(ValueError, match="not found"):
+        load_trace(tmp_path / "nope.csv")
+    empty = tmp_path / "empty.csv"
+    empty.write_text("TIMESTAMP,ContextTokens,GeneratedTokens\n")
+    with pytest.raises(ValueError, match="no rows"):
+        load_trace(empty)
+
+
+def test_fit_scales_prompts_by_one_factor_and_caps_outputs():
+    reqs = [req(4000, 300), req(100, 900), req(10, 5)]
     scaling = fit_to_context(reqs, max_model_len=2048, max_output_len=512)
+    assert scaling == Scaling(prompt_scale=(2048 - 512) / 4000, max_output_len=512)
     scaled = scale_requests(reqs, scaling)
-    assert scaling.max_output_len == 512
-    assert max(r.prompt_len for r in scaled) + max(r.output_len for r in scaled) <= 2048
+    assert [r.prompt_len for r in scaled] == [1536, 38, 4]
     assert [r.output_len for r in scaled] == [300, 512, 5]
-    assert all(r.prompt_len >= 1 for r in scaled)
+    assert max(r.prompt_len for r in scaled) + max(r.output_len for r in scaled) <= 2048
 
 
-def test_scaling_rejects_impossible_context():
+def test_fit_never_stretches_short_prompts_and_keeps_lengths_positive():
+    reqs = [req(10, 4, 1.5), req(1, 1)]
+    scaling = fit_to_context(reqs, max_model_len=2048)
+    assert scaling == Scaling(prompt_scale=1.0, max_output_len=4)
+    assert scale_requests(reqs, scaling) == reqs
+    tiny = scale_requests([req(3, 9)], Scaling(prompt_scale=0.01, max_output_len=2))
+    assert tiny == [req(1, 2)]
+
+
+def test_fit_rejects_impossible_contexts():
     with pytest.raises(ValueError, match="no room"):
-        fit_to_context([TraceRequest(0, 10, 100)], max_model_len=50)
+        fit_to_context([req(10, 100)], max_model_len=50)
+    with pytest.raises(ValueError, match="max_output_len"):
+        fit_to_context([req(10, 100)], max_model_len=50, max_output_len=0)
+    with pytest.raises(ValueError, match="no requests"):
+        fit_to_context([], max_model_len=50)
 
 
-def test_sampling_is_seeded_and_prompts_avoid_special_ids():
-    trace = [TraceRequest(i, i + 1, 1) for i in range(100)]
-    assert sample_requests(trace, 10, seed=1) == sample_requests(trace, 10, seed=1)
-    assert sample_requests(trace, 10, seed=1) != sample_requests(trace, 10, seed=2)
+def test_sampling_is_seeded_distinct_and_in_arrival_order():
+    trace = [req(i + 1, 1, float(i)) for i in range(100)]
+    first = sample_requests(trace, 10, seed=1)
+    assert first == sample_requests(trace, 10, seed=1)
+    assert first != sample_requests(trace, 10, seed=2)
+    assert len(set(first)) == 10
+    assert [r.arrival_s for r in first] == sorted(r.arrival_s for r in first)
+    with pytest.raises(ValueError, match="num_requests"):
+        sample_requests(trace, 101, seed=0)
+
+
+def test_random_prompts_avoid_special_ids_and_are_reproducible():
     prompt = random_prompt(1000, 50, random.Random(0))
-    assert len(prompt) == 1000 and min(prompt) >= 3 and max(prompt) < 50
+    assert len(prompt) == 1000 and min(prompt) == NUM_SPECIAL_IDS and max(prompt) == 49
+    assert prompt == random_prompt(1000, 50, random.Random(0))
+    with pytest.raises(ValueError, match="vocab_size"):
+        random_prompt(5, NUM_SPECIAL_IDS, random.Random(0))
+
+
+def test_scaling_summary_reports_before_and_after():
+    sample = [req(1000, 700), req(200, 10)]
+    scaling = Scaling(prompt_scale=0.5, max_output_len=512)
+    summary = scaling_summary(sample, scale_requests(sample, scaling), scaling)
+    assert summary["num_outputs_capped"] == 1
+    assert summary["trace_prompt_len"] == {"mean": 600.0, "max": 1000}
+    assert summary["prompt_len"] == {"mean": 300.0, "max": 500}
+    assert summary["output_len"] == {"mean": 261.0, "max": 512}
+    assert summary["total_output_tokens"] == 522
+
+
+def test_percentiles_match_numpy():
+    values = random.Random(0).sample(range(10_000), 257)
+    got = percentiles_ms([v / 1000 for v in values])
+    assert got == {"p50": pytest.approx(np.percentile(values, 50)), "p99": pytest.approx(np.percentile(values, 99))}
+    assert percentiles_ms([]) is None
+
+
+def test_latency_from_token_times():
+    # Request a: tokens at 1, 2, 4 -> TTFT 1, TPOT 1.5, gaps 1 and 2. Request b: one token at 3 -> TTFT 3 only.
+    stats = latency_from_token_times(0.0, [[1.0, 2.0, 4.0], [3.0]])
+    assert stats["ttft_ms"] == {"p50": 2000.0, "p99": pytest.approx(2980.0)}
+    assert stats["tpot_ms"] == {"p50": 1500.0, "p99": 1500.0}
+    assert stats["itl_ms"] == {"p50": 1500.0, "p99": pytest.approx(1990.0)}
+
+
+def test_ratios_skip_engines_without_a_result():
+    results = {"ours": {"output_tokens_per_s": 300.0}, "vllm": {"output_tokens_per_s": 400.0}, "transformers": {}}
+    assert ratios(results) == {"ours_over_vllm": 0.75}

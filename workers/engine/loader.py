@@ -12,19 +12,23 @@ from safetensors import safe_open
 
 from workers.engine.config import ModelConfig, parse_dtype
 from workers.engine.models import build_model
-from workers.engine.models.causal_lm import CausalLM
+from workers.engine.models.llama import LlamaForCausalLM
 
 logger = logging.getLogger(__name__)
 
+_COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
+
 
 def checkpoint_files(path: Path) -> list[Path]:
-    """The safetensors files of a model folder, single-file or sharded."""
+    """The safetensors files of a model folder, single-file or sharded (in index order)."""
     single = path / "model.safetensors"
     if single.is_file():
         return [single]
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
+        weight_map = json.loads(index.read_text()).get("weight_map")
+        if not weight_map:
+            raise ValueError(f"{index} has no weight_map")
         files = [path / name for name in sorted(set(weight_map.values()))]
         missing = [f.name for f in files if not f.is_file()]
         if missing:
@@ -34,28 +38,34 @@ def checkpoint_files(path: Path) -> list[Path]:
 
 
 def iter_weights(files: list[Path], dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every tensor of `files` as `(name, tensor in dtype)`, one at a time so memory stays one tensor deep."""
     for file in files:
         with safe_open(str(file), framework="pt") as f:
             for name in f.keys():  # noqa: SIM118 - safe_open is not a mapping
                 yield name, f.get_tensor(name).to(dtype)
 
 
-def load_model(path: str | Path, dtype: torch.dtype | str | None = None) -> tuple[ModelConfig, CausalLM]:
-    """Read the config, build the model in `dtype` (the checkpoint's when None) and load its weights."""
+def resolve_dtype(config: ModelConfig, dtype: torch.dtype | str | None) -> torch.dtype:
+    """`dtype`, or for None / `auto` the checkpoint's own dtype (float32 when we cannot compute in it)."""
+    if dtype is None or dtype == "auto":
+        # e.g. float64 or int8-quantised checkpoints are computed in float32.
+        return parse_dtype(config.torch_dtype if config.torch_dtype in _COMPUTE_DTYPES else "float32")
+    return parse_dtype(dtype)
+
+
+def load_model(path: str | Path, dtype: torch.dtype | str | None = None) -> tuple[ModelConfig, LlamaForCausalLM]:
+    """Read the config, build the model in `dtype` (None or `auto`: the checkpoint's) and load its weights."""
     path = Path(path)
     config = ModelConfig.from_pretrained(path)
-    if dtype is None:
-        # Checkpoints saved in a dtype we do not compute in (e.g. float64) run in float32.
-        dtype = config.torch_dtype if config.torch_dtype in ("float32", "bfloat16", "float16") else "float32"
-    dtype = parse_dtype(dtype)
+    torch_dtype = resolve_dtype(config, dtype)
     files = checkpoint_files(path)
-    model = build_model(config, dtype)
-    model.load_weights(iter_weights(files, dtype))
+    model = build_model(config, torch_dtype)
+    model.load_weights(iter_weights(files, torch_dtype))
     logger.info(
         "model loaded path=%s arch=%s dtype=%s params=%d shards=%d",
         path,
         config.architecture,
-        dtype,
+        torch_dtype,
         sum(p.numel() for p in model.parameters()),
         len(files),
     )

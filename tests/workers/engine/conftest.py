@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+
 from workers.engine.tiny import make_tiny_lora, make_tiny_model
 
 
