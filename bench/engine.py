@@ -33,7 +33,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a script, also from the vLLM venv's python
     sys.path.insert(0, str(REPO))
 
-from bench._trace import (  # noqa: E402
+from router.trace import (  # noqa: E402
     DEFAULT_TRACE,
     fit_to_context,
     load_trace,

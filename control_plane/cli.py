@@ -11,6 +11,8 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from control_plane import cli_cluster
+
 app = typer.Typer(
     help="raylane: Ray-based orchestration for LLM clusters.",
     no_args_is_help=True,
@@ -98,6 +100,9 @@ def generate(
         typer.echo(f"{text}{out.text_delta}")
     num_tokens = sum(len(o.output_token_ids) for o in outputs)
     console.print(f"[dim]{num_tokens} tokens in {elapsed:.2f}s ({num_tokens / elapsed:.1f} tok/s)[/dim]")
+
+
+cli_cluster.register(app)
 
 
 def main() -> None:

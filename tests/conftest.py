@@ -1,9 +1,14 @@
-"""Session-wide test setup: one torch thread, and skip GPU tests without a GPU."""
+"""Session-wide test setup: one torch thread, skip GPU tests without a GPU, tiny models and a shared Ray cluster."""
+
+from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
+
+from workers.engine.tiny import make_tiny_lora, make_tiny_model
 
 torch.set_num_threads(int(os.environ.get("RAYLANE_TEST_THREADS", "1")))
 
@@ -15,3 +20,42 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> dict[str, Path]:
+    """fp32 tiny checkpoints of every supported architecture, keyed by arch name."""
+    root = tmp_path_factory.mktemp("tiny-models")
+    paths = {}
+    for arch in ("llama", "mixtral", "qwen2_moe"):
+        paths[arch] = root / arch
+        make_tiny_model(arch, paths[arch], seed=0, dtype="float32")
+    return paths
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tiny_models) -> Path:
+    return tiny_models["llama"]
+
+
+@pytest.fixture(scope="session")
+def tiny_loras(tiny_llama, tmp_path_factory) -> dict[str, Path]:
+    """Two PEFT adapters for the tiny Llama with different ranks."""
+    root = tmp_path_factory.mktemp("tiny-loras")
+    paths = {"a": root / "a", "b": root / "b"}
+    make_tiny_lora(tiny_llama, paths["a"], rank=8, alpha=16, seed=1)
+    make_tiny_lora(tiny_llama, paths["b"], rank=4, alpha=4, seed=2)
+    return paths
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One local Ray cluster for the whole run, started only when a test asks for it.
+
+    CPUs are logical, so several 1-CPU worker actors fit on a 2-core machine.
+    """
+    import ray  # imported here so tests that never touch Ray do not pay for it
+
+    ray.init(num_cpus=8, include_dashboard=False, namespace="raylane", log_to_driver=False)
+    yield ray
+    ray.shutdown()

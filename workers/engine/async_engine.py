@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any, TypeVar
 
 from workers.engine.engine import Engine
+from workers.engine.kv_transfer import KVExport
 from workers.engine.request import RequestOutput
 from workers.engine.sampling_params import SamplingParams
 
@@ -31,7 +32,7 @@ class AsyncEngine:
     Every engine call happens on the loop thread, so the engine itself stays
     single-threaded. `generate` yields a `RequestOutput` per step the request advances;
     leaving the iterator early (client cancel, deadline) aborts the request and frees
-    its blocks.
+    its blocks. `prefill` and `resume` are the two halves of a prefill/decode handoff.
     """
 
     def __init__(self, engine: Engine) -> None:
@@ -39,6 +40,7 @@ class AsyncEngine:
         self._commands: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self._wakeup = threading.Event()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._handoffs: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Future]] = {}
         self._stopped = threading.Event()
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._loop, name="raylane-engine", daemon=True)
@@ -73,11 +75,57 @@ class AsyncEngine:
         lora_name: str | None = None,
         priority: int = 0,
     ) -> AsyncIterator[RequestOutput]:
+        def add(engine: Engine) -> None:
+            engine.add_request(request_id, prompt, params, lora_name=lora_name, priority=priority)
+
+        async for output in self._stream(request_id, add):
+            yield output
+
+    async def resume(self, export: KVExport) -> AsyncIterator[RequestOutput]:
+        """Import a request exported by another engine and stream the tokens it generates from here on.
+
+        The first output carries the first token this engine samples, not the ones in `export`.
+        """
+        async for output in self._stream(export.request_id, lambda engine: engine.import_kv(export)):
+            yield output
+
+    async def prefill(
+        self,
+        request_id: str,
+        prompt: str | Sequence[int],
+        params: SamplingParams | None = None,
+        *,
+        lora_name: str | None = None,
+        priority: int = 0,
+    ) -> tuple[RequestOutput, KVExport | None]:
+        """Run a request up to its first token, export its KV and drop it from this engine.
+
+        Returns the output that carries the first token and the export to `resume` elsewhere, or
+        None for the export when the first token already finished the request (max_tokens=1, EOS,
+        or an abort). The export is taken on the loop thread right after the step that sampled the
+        token, so no later step can advance or free the request first.
+        """
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[tuple[RequestOutput, KVExport | None]] = loop.create_future()
+
+        def add(engine: Engine) -> None:
+            engine.add_request(request_id, prompt, params, lora_name=lora_name, priority=priority)
+            self._handoffs[request_id] = (loop, future)
+
+        await self.acall(add)
+        try:
+            return await future
+        finally:
+            if not future.done():
+                self.call(lambda engine: self._abort(engine, request_id))
+
+    async def _stream(self, request_id: str, register: Callable[[Engine], None]) -> AsyncIterator[RequestOutput]:
+        """Run `register` (which puts `request_id` into the engine) and stream that request's outputs."""
         stream: asyncio.Queue = asyncio.Queue()
         loop = asyncio.get_running_loop()
 
         def add(engine: Engine) -> None:
-            engine.add_request(request_id, prompt, params, lora_name=lora_name, priority=priority)
+            register(engine)
             self._streams[request_id] = (loop, stream)
 
         await self.acall(add)
@@ -102,8 +150,25 @@ class AsyncEngine:
         self._thread.join(timeout)
 
     def _abort(self, engine: Engine, request_id: str) -> bool:
-        self._streams.pop(request_id, None)
-        return engine.abort(request_id)
+        request = engine.scheduler.get_request(request_id)
+        aborted = engine.abort(request_id)
+        # Someone may still be waiting on this request (an abort from another caller): end their wait.
+        final = RequestOutput(
+            request_id=request_id,
+            new_token_ids=[],
+            output_token_ids=[] if request is None else list(request.output_token_ids),
+            finished=True,
+            finish_reason="abort",
+        )
+        target = self._streams.pop(request_id, None)
+        if target is not None:
+            loop, stream = target
+            loop.call_soon_threadsafe(stream.put_nowait, final)
+        handoff = self._handoffs.pop(request_id, None)
+        if handoff is not None:
+            loop, future = handoff
+            loop.call_soon_threadsafe(_settle, future, (final, None))
+        return aborted
 
     def _loop(self) -> None:
         try:
@@ -121,6 +186,10 @@ class AsyncEngine:
             for loop, stream in self._streams.values():
                 loop.call_soon_threadsafe(stream.put_nowait, exc)
             self._streams.clear()
+            dead = EngineDeadError(f"the engine loop died: {exc!r}")
+            for loop, future in self._handoffs.values():
+                loop.call_soon_threadsafe(_settle, future, dead)
+            self._handoffs.clear()
 
     def _drain_commands(self) -> None:
         while True:
@@ -131,6 +200,9 @@ class AsyncEngine:
             command()
 
     def _publish(self, output: RequestOutput) -> None:
+        if output.request_id in self._handoffs:
+            self._hand_off(output)
+            return
         target = self._streams.get(output.request_id)
         # A prefill chunk that produced no token has nothing to tell the caller.
         if target is None or not (output.new_token_ids or output.finished):
@@ -140,8 +212,31 @@ class AsyncEngine:
         loop, stream = target
         loop.call_soon_threadsafe(stream.put_nowait, output)
 
+    def _hand_off(self, output: RequestOutput) -> None:
+        # Runs on the loop thread between steps: the KV is copied before the next step could touch it.
+        if not (output.new_token_ids or output.finished):
+            return
+        loop, future = self._handoffs.pop(output.request_id)
+        result: tuple[RequestOutput, KVExport | None] | BaseException
+        try:
+            result = (output, None if output.finished else self.engine.export_kv(output.request_id))
+        except Exception as exc:  # a failed export fails this request, never the loop
+            result = exc
+        self.engine.release(output.request_id)
+        loop.call_soon_threadsafe(_settle, future, result)
+
     def __enter__(self) -> AsyncEngine:
         return self
 
     def __exit__(self, *exc: Any) -> None:
         self.shutdown()
+
+
+def _settle(future: asyncio.Future, result: Any) -> None:
+    """Resolve `future` with a value or an exception, unless its waiter already gave up."""
+    if future.done():
+        return
+    if isinstance(result, BaseException):
+        future.set_exception(result)
+    else:
+        future.set_result(result)

@@ -198,11 +198,21 @@ class Engine:
 
     def abort(self, request_id: str) -> bool:
         """Stop a request and free its blocks. Returns False when the id is unknown or already done."""
+        if not self.release(request_id):
+            return False
+        logger.info("request aborted request_id=%s", request_id)
+        return True
+
+    def release(self, request_id: str) -> bool:
+        """Drop a request whose state moved to another engine (after `export_kv`) and free its blocks.
+
+        Like `abort` without the abort log line; full blocks stay in the prefix cache. Returns False
+        when the id is unknown or already done.
+        """
         if request_id not in self._extras:
             return False
         self.scheduler.finish_requests([request_id], RequestStatus.FINISHED_ABORTED)
         del self._extras[request_id]
-        logger.info("request aborted request_id=%s", request_id)
         return True
 
     def has_unfinished(self) -> bool:

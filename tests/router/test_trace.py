@@ -6,7 +6,8 @@ import random
 import numpy as np
 import pytest
 
-from bench._trace import (
+from bench.engine import latency_from_token_times, percentiles_ms, ratios
+from router.trace import (
     DEFAULT_TRACE,
     NUM_SPECIAL_IDS,
     Scaling,
@@ -18,7 +19,6 @@ from bench._trace import (
     scale_requests,
     scaling_summary,
 )
-from bench.engine import latency_from_token_times, percentiles_ms, ratios
 
 
 def req(prompt_len: int, output_len: int, arrival_s: float = 0.0) -> TraceRequest:

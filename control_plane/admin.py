@@ -1,0 +1,160 @@
+"""The admin gRPC service (`raylane.v1.ControlPlane`): desired state in, cluster status out.
+
+Writes go to the state store only; the reconcile loop makes the cluster follow. Every call
+runs its blocking work (Redis, Ray) in a thread so the server's event loop stays responsive.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+
+from control_plane import convert
+from control_plane.controller import Controller, PoolInfo
+from control_plane.spec import SpecError
+from control_plane.state import AlreadyExistsError, ConflictError, NotFoundError, StateError
+from protos.raylane.v1 import control_pb2, control_pb2_grpc
+
+logger = logging.getLogger(__name__)
+
+_STATUS: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
+    (NotFoundError, grpc.StatusCode.NOT_FOUND),
+    (AlreadyExistsError, grpc.StatusCode.ALREADY_EXISTS),
+    (ConflictError, grpc.StatusCode.ABORTED),
+    (SpecError, grpc.StatusCode.INVALID_ARGUMENT),
+    (StateError, grpc.StatusCode.INVALID_ARGUMENT),
+    (ValueError, grpc.StatusCode.INVALID_ARGUMENT),
+)
+
+
+def _handled(method: Callable) -> Callable:
+    """Run the call's body in a thread and turn known errors into status codes; never leak a traceback."""
+
+    @functools.wraps(method)
+    async def wrapper(self: AdminServicer, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            return await asyncio.to_thread(method, self, request)
+        except Exception as exc:
+            code = next((c for cls, c in _STATUS if isinstance(exc, cls)), None)
+            if code is None:
+                logger.exception("admin call failed method=%s", method.__name__)
+                await context.abort(grpc.StatusCode.INTERNAL, f"{method.__name__} failed: {type(exc).__name__}")
+            logger.info("admin call refused method=%s status=%s reason=%s", method.__name__, code.name, exc)
+            await context.abort(code, str(exc))
+
+    return wrapper
+
+
+def pool_to_proto(info: PoolInfo) -> control_pb2.PoolInfo:
+    workers = []
+    for w in info.workers:
+        message = control_pb2.WorkerInfo(worker_id=w.worker_id, role=w.role, state=w.state)
+        if w.stats is not None:
+            s = w.stats
+            message.num_running = s.num_running
+            message.num_waiting = s.num_waiting
+            message.kv_blocks_used = s.kv_blocks_used
+            message.kv_blocks_total = s.kv_blocks_total
+            message.output_tokens_per_s = s.output_tokens_per_s
+            message.adapters.extend(s.adapters)
+        workers.append(message)
+    return control_pb2.PoolInfo(
+        deployment=info.deployment, role=info.role, desired_replicas=info.desired_replicas, workers=workers
+    )
+
+
+class AdminServicer(control_pb2_grpc.ControlPlaneServicer):
+    """`addresses()` returns (admin address, router addresses, state URL) for ClusterStatus."""
+
+    def __init__(self, controller: Controller, addresses: Callable[[], tuple[str, list[str], str]]) -> None:
+        self.controller = controller
+        self.store = controller.store
+        self._addresses = addresses
+
+    @_handled
+    def ApplyDeployment(self, request):
+        spec = convert.deployment_from_proto(request.spec)
+        version = self.store.put_deployment(spec, expected_version=request.expected_version or None)
+        self.store.append_event("deployment_applied", name=spec.name, version=version)
+        logger.info("deployment applied name=%s version=%d pools=%s", spec.name, version, [p.role for p in spec.pools])
+        return control_pb2.ApplyDeploymentResponse(version=version)
+
+    @_handled
+    def DeleteDeployment(self, request):
+        deleted = self.store.delete_deployment(request.name)
+        if deleted:
+            self.store.append_event("deployment_deleted", name=request.name)
+        return control_pb2.DeleteDeploymentResponse(deleted=deleted)
+
+    @_handled
+    def ListDeployments(self, request):
+        specs = self.store.list_deployments()
+        return control_pb2.ListDeploymentsResponse(deployments=[convert.deployment_to_proto(s) for s in specs])
+
+    @_handled
+    def ListPools(self, request):
+        infos = self.controller.pool_infos(request.deployment)
+        return control_pb2.ListPoolsResponse(pools=[pool_to_proto(i) for i in infos])
+
+    @_handled
+    def CreateTenant(self, request):
+        tenant = convert.tenant_from_proto(request.tenant)
+        self.store.create_tenant(tenant)
+        self.store.append_event("tenant_created", name=tenant.name)
+        return control_pb2.CreateTenantResponse()
+
+    @_handled
+    def DeleteTenant(self, request):
+        return control_pb2.DeleteTenantResponse(deleted=self.store.delete_tenant(request.name))
+
+    @_handled
+    def ListTenants(self, request):
+        return control_pb2.ListTenantsResponse(tenants=[convert.tenant_to_proto(t) for t in self.store.list_tenants()])
+
+    @_handled
+    def IssueApiKey(self, request):
+        key_id, api_key = self.store.issue_key(request.tenant)
+        self.store.append_event("key_issued", tenant=request.tenant, key_id=key_id)
+        return control_pb2.IssueApiKeyResponse(key_id=key_id, api_key=api_key)
+
+    @_handled
+    def RevokeApiKey(self, request):
+        revoked = self.store.revoke_key(request.key_id)
+        if revoked:
+            self.store.append_event("key_revoked", key_id=request.key_id)
+        return control_pb2.RevokeApiKeyResponse(revoked=revoked)
+
+    @_handled
+    def RegisterAdapter(self, request):
+        adapter = convert.adapter_from_proto(request.adapter)
+        self.store.register_adapter(adapter)
+        self.store.append_event("adapter_registered", name=adapter.name, tenant=adapter.tenant)
+        return control_pb2.RegisterAdapterResponse()
+
+    @_handled
+    def ClusterStatus(self, request):
+        admin, routers, state_url = self._addresses()
+        infos = self.controller.pool_infos()
+        workers = [w for info in infos for w in info.workers]
+        stats = self.controller.stats
+        return control_pb2.ClusterStatusResponse(
+            router_addresses=routers,
+            admin_address=admin,
+            state_url=state_url,
+            num_deployments=len(self.store.list_deployments()),
+            num_tenants=len(self.store.list_tenants()),
+            num_workers=len(workers),
+            num_healthy_workers=sum(w.state == "healthy" for w in workers),
+            reconcile=control_pb2.ReconcileStats(
+                num_loops=stats.num_loops,
+                last_loop_ms=stats.last_loop_ms,
+                num_errors=stats.num_errors,
+                num_workers_replaced=stats.num_workers_replaced,
+            ),
+            pools=[pool_to_proto(i) for i in infos],
+        )

@@ -1,0 +1,82 @@
+"""A blocking client for the admin service, used by the CLI and the demo."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import grpc
+
+from control_plane import convert
+from control_plane.spec import AdapterSpec, DeploymentSpec, TenantSpec
+from protos.raylane.v1 import control_pb2, control_pb2_grpc
+from router.client import translate_error
+
+T = TypeVar("T")
+
+
+class AdminClient:
+    """Typed calls to `raylane.v1.ControlPlane`; failures raise `router.client.RaylaneError` subclasses."""
+
+    def __init__(self, address: str, *, timeout_s: float = 30.0) -> None:
+        self.address = address
+        self._channel = grpc.insecure_channel(address)
+        self._stub = control_pb2_grpc.ControlPlaneStub(self._channel)
+        self.timeout_s = timeout_s
+
+    def _call(self, rpc: Callable[..., T], request: Any) -> T:
+        try:
+            return rpc(request, timeout=self.timeout_s)
+        except grpc.RpcError as exc:
+            raise translate_error(exc) from None
+
+    def apply_deployment(self, spec: DeploymentSpec, expected_version: int = 0) -> int:
+        request = control_pb2.ApplyDeploymentRequest(
+            spec=convert.deployment_to_proto(spec), expected_version=expected_version
+        )
+        return self._call(self._stub.ApplyDeployment, request).version
+
+    def delete_deployment(self, name: str) -> bool:
+        return self._call(self._stub.DeleteDeployment, control_pb2.DeleteDeploymentRequest(name=name)).deleted
+
+    def list_deployments(self) -> list[DeploymentSpec]:
+        response = self._call(self._stub.ListDeployments, control_pb2.ListDeploymentsRequest())
+        return [convert.deployment_from_proto(d) for d in response.deployments]
+
+    def list_pools(self, deployment: str = "") -> list[control_pb2.PoolInfo]:
+        return list(self._call(self._stub.ListPools, control_pb2.ListPoolsRequest(deployment=deployment)).pools)
+
+    def create_tenant(self, tenant: TenantSpec) -> None:
+        request = control_pb2.CreateTenantRequest(tenant=convert.tenant_to_proto(tenant))
+        self._call(self._stub.CreateTenant, request)
+
+    def delete_tenant(self, name: str) -> bool:
+        return self._call(self._stub.DeleteTenant, control_pb2.DeleteTenantRequest(name=name)).deleted
+
+    def list_tenants(self) -> list[TenantSpec]:
+        response = self._call(self._stub.ListTenants, control_pb2.ListTenantsRequest())
+        return [convert.tenant_from_proto(t) for t in response.tenants]
+
+    def issue_key(self, tenant: str) -> tuple[str, str]:
+        """(key id, API key); the key is shown only now."""
+        response = self._call(self._stub.IssueApiKey, control_pb2.IssueApiKeyRequest(tenant=tenant))
+        return response.key_id, response.api_key
+
+    def revoke_key(self, key_id: str) -> bool:
+        return self._call(self._stub.RevokeApiKey, control_pb2.RevokeApiKeyRequest(key_id=key_id)).revoked
+
+    def register_adapter(self, adapter: AdapterSpec) -> None:
+        request = control_pb2.RegisterAdapterRequest(adapter=convert.adapter_to_proto(adapter))
+        self._call(self._stub.RegisterAdapter, request)
+
+    def status(self) -> control_pb2.ClusterStatusResponse:
+        return self._call(self._stub.ClusterStatus, control_pb2.ClusterStatusRequest())
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> AdminClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

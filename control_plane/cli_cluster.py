@@ -1,0 +1,409 @@
+"""`raylane up/down/status/deploy/tenant/adapter/generate/bench`: the cluster half of the CLI.
+
+Only `up` and `down` use Ray; every other command talks gRPC to the addresses `up` saved in the
+state directory's cluster file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from control_plane.cluster import ClusterFile, ClusterNotRunningError
+from control_plane.config import DEFAULT_STATE_DIR, ControlPlaneConfig
+from router.client import RaylaneError
+
+console = Console(stderr=True)
+out = Console()
+
+StateDir = Annotated[
+    Path,
+    typer.Option(help="Cluster state directory (embedded Redis, cluster file).", envvar="RAYLANE_STATE_DIR"),
+]
+
+tenant_app = typer.Typer(help="Tenants and their API keys.", no_args_is_help=True)
+adapter_app = typer.Typer(help="LoRA adapters, owned by one tenant each.", no_args_is_help=True)
+bench_app = typer.Typer(help="Load generators against a running cluster.", no_args_is_help=True)
+
+
+def _cluster(state_dir: Path) -> ClusterFile:
+    try:
+        return ClusterFile.load(state_dir.expanduser())
+    except ClusterNotRunningError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(1) from None
+
+
+def _admin(state_dir: Path):
+    from control_plane.admin_client import AdminClient
+
+    return AdminClient(_cluster(state_dir).admin_address)
+
+
+def _fail(exc: Exception) -> typer.Exit:
+    console.print(f"[red]error:[/red] {exc}")
+    return typer.Exit(2)
+
+
+def up(
+    address: Annotated[str, typer.Option(help="`local` starts (or reuses) a Ray head here; or ray://host:10001.")] = (
+        "local"
+    ),
+    config: Annotated[Path | None, typer.Option(help="Cluster YAML (ControlPlaneConfig fields).")] = None,
+    state_dir: StateDir = Path(DEFAULT_STATE_DIR),
+    redis_url: Annotated[str | None, typer.Option(help="External Redis; default: embedded, in --state-dir.")] = None,
+    num_cpus: Annotated[int | None, typer.Option(help="Logical CPUs of a local Ray head (default max(8, cores)).")] = (
+        None
+    ),
+) -> None:
+    """Start a cluster: Ray, the control plane (with its state store) and the routers."""
+    from control_plane.admin_client import AdminClient
+    from control_plane.cluster import connect_ray, start_control_plane
+    from control_plane.spec import TenantSpec
+
+    try:
+        cfg = ControlPlaneConfig.load(config, state_dir=str(state_dir), redis_url=redis_url)
+    except (ValueError, OSError) as exc:
+        raise _fail(exc) from None
+    with console.status("starting Ray and the control plane"):
+        started_ray = connect_ray(address, num_cpus=num_cpus)
+        _, info = start_control_plane(cfg, detached=True)
+    api_key = ""
+    with AdminClient(info.admin_address) as admin:
+        if "default" not in {t.name for t in admin.list_tenants()}:
+            admin.create_tenant(TenantSpec(name="default"))
+        _, api_key = admin.issue_key("default")
+    cluster = ClusterFile(
+        admin_address=info.admin_address,
+        router_addresses=list(info.router_addresses),
+        state_url=info.state_url,
+        ray_address="auto" if address == "local" else address,
+        started_ray=started_ray,
+        api_key=api_key,
+    )
+    path = cluster.save(cfg.state_path)
+    console.print(f"[green]cluster up[/green] admin={info.admin_address} routers={', '.join(info.router_addresses)}")
+    console.print(f"state: {info.state_url}  cluster file: {path} (holds a `default` tenant key)")
+
+
+def down(state_dir: StateDir = Path(DEFAULT_STATE_DIR)) -> None:
+    """Stop the control plane, its routers and workers (desired state stays in Redis), and a Ray head `up` started."""
+    import ray
+
+    from control_plane.cluster import connect_ray, stop_control_plane, stop_ray_head
+
+    cluster = _cluster(state_dir)
+    with console.status("stopping the cluster"):
+        try:
+            connect_ray(cluster.ray_address if cluster.ray_address != "auto" else "local")
+            stopped = stop_control_plane()
+            ray.shutdown()
+        except (ConnectionError, RuntimeError) as exc:
+            console.print(f"[yellow]Ray was not reachable ({exc}); cleaning up the cluster file[/yellow]")
+            stopped = False
+        if cluster.started_ray:
+            stop_ray_head()
+    (state_dir.expanduser() / "cluster.json").unlink(missing_ok=True)
+    console.print("[green]cluster down[/green]" + ("" if stopped else " (no control plane was running)"))
+
+
+def status(state_dir: StateDir = Path(DEFAULT_STATE_DIR)) -> None:
+    """A table of pools and workers: state, running/waiting requests, KV use and tokens/s."""
+    with _admin(state_dir) as admin:
+        try:
+            response = admin.status()
+        except RaylaneError as exc:
+            raise _fail(exc) from None
+    table = Table(title=f"raylane — routers {', '.join(response.router_addresses)}")
+    for column in ("deployment", "role", "worker", "state", "running", "waiting", "KV used", "tok/s", "adapters"):
+        table.add_column(column, justify="right" if column in ("running", "waiting", "KV used", "tok/s") else "left")
+    for pool in response.pools:
+        for w in pool.workers:
+            kv = f"{w.kv_blocks_used}/{w.kv_blocks_total}" if w.kv_blocks_total else "-"
+            color = {"healthy": "green", "dead": "red"}.get(w.state, "yellow")
+            table.add_row(
+                pool.deployment,
+                pool.role,
+                w.worker_id,
+                f"[{color}]{w.state}[/{color}]",
+                str(w.num_running),
+                str(w.num_waiting),
+                kv,
+                f"{w.output_tokens_per_s:.1f}",
+                ",".join(w.adapters) or "-",
+            )
+        if not pool.workers:
+            table.add_row(pool.deployment, pool.role, "-", "[yellow]no workers[/yellow]", "", "", "", "", "")
+    out.print(table)
+    r = response.reconcile
+    out.print(
+        f"deployments {response.num_deployments}  tenants {response.num_tenants}  workers "
+        f"{response.num_healthy_workers}/{response.num_workers} healthy  reconcile loops {r.num_loops} "
+        f"(last {r.last_loop_ms:.0f} ms, errors {r.num_errors}, replaced {r.num_workers_replaced})"
+    )
+
+
+def deploy(
+    file: Annotated[Path, typer.Argument(help="Deployment YAML (see `examples/`).")],
+    state_dir: StateDir = Path(DEFAULT_STATE_DIR),
+) -> None:
+    """Apply a deployment: create it, or update it (pools are resized or restarted as needed)."""
+    from control_plane.spec import DeploymentSpec, SpecError
+
+    try:
+        spec = DeploymentSpec.from_yaml(file.read_text())
+    except (SpecError, OSError) as exc:
+        raise _fail(exc) from None
+    with _admin(state_dir) as admin:
+        try:
+            version = admin.apply_deployment(spec)
+        except RaylaneError as exc:
+            raise _fail(exc) from None
+    pools = ", ".join(f"{p.role}x{p.replicas}" for p in spec.pools)
+    console.print(f"[green]applied[/green] {spec.name} v{version} ({pools}); `raylane status` shows the workers")
+
+
+@tenant_app.command("create")
+def tenant_create(
+    name: str,
+    max_concurrent: Annotated[int, typer.Option(help="Requests in flight at once.")] = 16,
+    tokens_per_minute: Annotated[int, typer.Option(help="Prompt + output tokens per minute.")] = 120_000,
+    state_dir: StateDir = Path(DEFAULT_STATE_DIR),
+) -> None:
+    """Create a tenant and print its first API key (shown only once)."""
+    from control_plane.spec import Quota, TenantSpec
+
+    try:
+        tenant = TenantSpec(name=name, quota=Quota(max_concurrent=max_concurrent, tokens_per_minute=tokens_per_minute))
+        with _admin(state_dir) as admin:
+            admin.create_tenant(tenant)
+            key_id, key = admin.issue_key(name)
+    except (ValueError, RaylaneError) as exc:
+        raise _fail(exc) from None
+    console.print(f"[green]created[/green] tenant {name}; key id {key_id}")
+    out.print(key)
+
+
+@tenant_app.command("keys")
+def tenant_keys(name: str, state_dir: StateDir = Path(DEFAULT_STATE_DIR)) -> None:
+    """Issue another API key for a tenant (printed once; only its hash is stored)."""
+    with _admin(state_dir) as admin:
+        try:
+            key_id, key = admin.issue_key(name)
+        except RaylaneError as exc:
+            raise _fail(exc) from None
+    console.print(f"key id {key_id}")
+    out.print(key)
+
+
+@tenant_app.command("revoke")
+def tenant_revoke(key_id: str, state_dir: StateDir = Path(DEFAULT_STATE_DIR)) -> None:
+    """Revoke an API key by its id (routers stop accepting it within a second)."""
+    with _admin(state_dir) as admin:
+        revoked = admin.revoke_key(key_id)
+    console.print("[green]revoked[/green]" if revoked else f"[yellow]no key {key_id}[/yellow]")
+
+
+@tenant_app.command("list")
+def tenant_list(state_dir: StateDir = Path(DEFAULT_STATE_DIR)) -> None:
+    """Tenants and their quotas."""
+    with _admin(state_dir) as admin:
+        for t in admin.list_tenants():
+            out.print(
+                f"{t.name}  max_concurrent={t.quota.max_concurrent} tokens_per_minute={t.quota.tokens_per_minute}"
+            )
+
+
+@adapter_app.command("register")
+def adapter_register(
+    deployment: Annotated[str, typer.Option(help="Deployment whose workers load it.")],
+    tenant: Annotated[str, typer.Option(help="The only tenant allowed to use it.")],
+    name: Annotated[str, typer.Option(help="Name requests select it by.")],
+    path: Annotated[Path, typer.Option(help="PEFT adapter folder, readable by the workers.")],
+    state_dir: StateDir = Path(DEFAULT_STATE_DIR),
+) -> None:
+    """Register a LoRA adapter for one tenant on one deployment; running workers load it."""
+    from control_plane.spec import AdapterSpec
+
+    try:
+        spec = AdapterSpec(name=name, path=str(path.resolve()), tenant=tenant, deployment=deployment)
+        with _admin(state_dir) as admin:
+            admin.register_adapter(spec)
+    except (ValueError, RaylaneError) as exc:
+        raise _fail(exc) from None
+    console.print(f"[green]registered[/green] {name} for {tenant} on {deployment}")
+
+
+def generate(
+    prompt: Annotated[str, typer.Argument(help="Prompt text.")],
+    deployment: Annotated[str, typer.Option(help="Deployment to run on.")] = "chat",
+    adapter: Annotated[str | None, typer.Option(help="A LoRA adapter registered to your tenant.")] = None,
+    stream: Annotated[bool, typer.Option("--stream/--no-stream", help="Print tokens as they arrive.")] = False,
+    max_tokens: Annotated[int, typer.Option(help="Tokens to generate.")] = 32,
+    temperature: Annotated[float, typer.Option(help="0 is greedy.")] = 0.0,
+    seed: Annotated[int | None, typer.Option(help="Seed for reproducible sampling.")] = None,
+    api_key: Annotated[
+        str | None, typer.Option(help="API key (default: the cluster file's).", envvar="RAYLANE_API_KEY")
+    ] = (None),
+    state_dir: StateDir = Path(DEFAULT_STATE_DIR),
+) -> None:
+    """Generate through the router (gRPC), as a client would."""
+    from router.client import Client
+
+    cluster = _cluster(state_dir)
+    key = api_key or cluster.api_key
+    kwargs = {"adapter": adapter, "max_tokens": max_tokens, "temperature": temperature, "seed": seed}
+    with Client(cluster.router_addresses[0], key, timeout_s=120) as client:
+        try:
+            if stream:
+                for chunk in client.generate(deployment, prompt, **kwargs):
+                    out.print(chunk.text, end="", soft_wrap=True)
+                    sys.stdout.flush()
+                out.print()
+            else:
+                completion = client.complete(deployment, prompt, **kwargs)
+                out.print(completion.text)
+                console.print(
+                    f"[dim]{completion.usage.completion_tokens} tokens, TTFT {completion.ttft_ms:.0f} ms, "
+                    f"finish {completion.finish_reason}[/dim]"
+                )
+        except RaylaneError as exc:
+            raise _fail(exc) from None
+
+
+@bench_app.command("replay")
+def bench_replay(
+    trace: Annotated[Path, typer.Argument(help="Trace CSV (TIMESTAMP, ContextTokens, GeneratedTokens).")],
+    deployment: Annotated[list[str], typer.Option(help="Deployment(s) to spread requests over.")] = ["chat"],  # noqa: B006
+    rate_scale: Annotated[float, typer.Option(help="Multiply the trace's arrival rate by this.")] = 1.0,
+    duration: Annotated[float, typer.Option(help="Seconds of (scaled) trace to replay.")] = 60.0,
+    max_prompt_len: Annotated[int, typer.Option(help="Prompts are scaled so the longest has this many tokens.")] = 256,
+    max_output_len: Annotated[int, typer.Option(help="Cap on output lengths.")] = 64,
+    vocab_size: Annotated[int, typer.Option(help="Random prompt token ids are drawn below this.")] = 512,
+    api_key: Annotated[str | None, typer.Option(envvar="RAYLANE_API_KEY", help="Default: the cluster file's.")] = None,
+    report: Annotated[Path | None, typer.Option(help="Also write a PNG report here.")] = None,
+    state_dir: StateDir = Path(DEFAULT_STATE_DIR),
+) -> None:
+    """Replay a trace's arrivals through the router; prints TTFT/TPOT/E2E p50/p99 and throughput as JSON."""
+    from router.replay import ReplayTarget
+
+    cluster = _cluster(state_dir)
+    key = api_key or cluster.api_key
+    targets = [ReplayTarget(deployment=d, api_key=key) for d in deployment]
+    try:
+        summary, _ = run_replay(
+            cluster.router_addresses[0],
+            targets,
+            trace,
+            rate_scale=rate_scale,
+            duration_s=duration,
+            max_prompt_len=max_prompt_len,
+            max_output_len=max_output_len,
+            vocab_size=vocab_size,
+            report=report,
+        )
+    except ValueError as exc:
+        raise _fail(exc) from None
+    print_summary(summary)
+    out.print_json(json.dumps(summary))
+
+
+def run_replay(
+    address: str,
+    targets,
+    trace: Path,
+    *,
+    rate_scale: float,
+    duration_s: float,
+    max_prompt_len: int,
+    max_output_len: int,
+    vocab_size: int,
+    report: Path | None = None,
+):
+    """Load, window and scale the trace, replay it with a progress bar, and summarise (shared with the demo)."""
+    from router.replay import replay, select_window, summarize
+    from router.replay_report import write_report_png
+    from router.trace import load_trace
+
+    rows = select_window(load_trace(trace), rate_scale=rate_scale, duration_s=duration_s)
+    if not rows:
+        raise ValueError(f"no trace rows in the first {duration_s}s at rate scale {rate_scale}")
+    scale = min(1.0, max_prompt_len / max(r.prompt_len for r in rows))
+    rows = [
+        dataclasses.replace(
+            r, prompt_len=max(1, round(r.prompt_len * scale)), output_len=min(r.output_len, max_output_len)
+        )
+        for r in rows
+    ]
+    console.print(
+        f"replaying {len(rows)} requests over {duration_s:.0f}s (arrival rate x{rate_scale}, prompts x{scale:.3f}, "
+        f"outputs capped at {max_output_len})"
+    )
+    columns = (TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn())
+    with Progress(*columns, TimeElapsedColumn(), console=console) as progress:
+        task = progress.add_task("requests", total=len(rows))
+        records = asyncio.run(
+            replay(address, targets, rows, vocab_size=vocab_size, on_done=lambda _: progress.advance(task))
+        )
+    summary = summarize(records)
+    if report is not None:
+        write_report_png(records, report)
+        console.print(f"report: {report}")
+    return summary, records
+
+
+def print_summary(summary: dict) -> None:
+    table = Table(title="replay summary")
+    for column in ("target", "ok/total", "errors", "TTFT p50/p99 ms", "TPOT p50/p99 ms", "E2E p50/p99 ms", "out tok/s"):
+        table.add_column(column)
+    rows = [("all", summary["overall"]), *summary["targets"].items()]
+    for name, s in rows:
+        table.add_row(
+            name,
+            f"{s['num_ok']}/{s['num_requests']}",
+            ",".join(f"{k}:{v}" for k, v in s["errors"].items()) or "-",
+            *(f"{s[m]['p50']} / {s[m]['p99']}" for m in ("ttft_ms", "tpot_ms", "e2e_ms")),
+            str(s["output_tokens_per_s"]),
+        )
+    out.print(table)
+
+
+def demo(
+    workdir: Annotated[Path, typer.Option(help="Models, adapters and cluster state go here.")] = Path("raylane-demo"),
+    report: Annotated[Path, typer.Option(help="PNG report: latency CDFs and throughput over time.")] = Path(
+        "demo_report.png"
+    ),
+    duration: Annotated[float, typer.Option(help="Seconds of the Azure trace to replay.")] = 60.0,
+    rate_scale: Annotated[float, typer.Option(help="Multiplier on the trace's arrival rate.")] = 0.5,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log every decision.")] = False,
+) -> None:
+    """Bring up a local two-tenant cluster (P/D + mixed, LoRA), replay a real trace through it, report, tear down."""
+    from control_plane.demo import DemoConfig, run_demo
+
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, stream=sys.stderr)
+    try:
+        config = DemoConfig(workdir=workdir, report=report, duration_s=duration, rate_scale=rate_scale)
+    except ValueError as exc:
+        raise _fail(exc) from None
+    summary = run_demo(config)
+    out.print_json(json.dumps(summary))
+
+
+def register(app: typer.Typer) -> None:
+    """Add the cluster commands to the `raylane` app."""
+    logging.getLogger("ray").setLevel(logging.WARNING)
+    for fn in (up, down, status, deploy, generate, demo):
+        app.command()(fn)
+    app.add_typer(tenant_app, name="tenant")
+    app.add_typer(adapter_app, name="adapter")
+    app.add_typer(bench_app, name="bench")

@@ -1,0 +1,82 @@
+"""The control plane's configuration; the one place raylane reads environment variables."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ENV_PREFIX = "RAYLANE_"
+DEFAULT_STATE_DIR = "~/.raylane"
+
+
+@dataclass(kw_only=True, frozen=True)
+class ControlPlaneConfig:
+    """How `raylane up` runs the control plane, its state store and its routers."""
+
+    state_dir: str = DEFAULT_STATE_DIR
+    """Where the embedded Redis keeps its AOF, and where the CLI finds the running cluster."""
+    redis_url: str | None = None
+    """An external Redis (`redis://host:6379/0`); None starts an embedded one in `state_dir`."""
+    admin_host: str = "127.0.0.1"
+    """Interface of the admin gRPC service (`0.0.0.0` in Kubernetes)."""
+    admin_port: int = 50050
+    """Port of the admin gRPC service; 0 picks a free one."""
+    router_host: str = "127.0.0.1"
+    """Interface of the routers' gRPC services."""
+    router_port: int = 50051
+    """Port of the first router; replica i listens on `router_port + i` (0 picks free ports)."""
+    num_routers: int = 1
+    """Router replicas."""
+    reconcile_interval_s: float = 1.0
+    """Pause between reconcile passes."""
+
+    def __post_init__(self) -> None:
+        for name in ("admin_port", "router_port"):
+            port = getattr(self, name)
+            if not isinstance(port, int) or not 0 <= port < 65536:
+                raise ValueError(f"{name} must be an integer in [0, 65535], got {port!r}")
+        if not isinstance(self.num_routers, int) or self.num_routers < 1:
+            raise ValueError(f"num_routers must be an integer >= 1, got {self.num_routers!r}")
+        if self.reconcile_interval_s <= 0:
+            raise ValueError(f"reconcile_interval_s must be positive, got {self.reconcile_interval_s}")
+
+    @property
+    def state_path(self) -> Path:
+        return Path(self.state_dir).expanduser()
+
+    @classmethod
+    def load(cls, file: str | Path | None = None, **overrides: Any) -> ControlPlaneConfig:
+        """Defaults, then `RAYLANE_*` environment variables, then a YAML file, then explicit overrides."""
+        values: dict[str, Any] = {}
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        for name, f in fields.items():
+            raw = os.environ.get(ENV_PREFIX + name.upper())
+            if raw is not None:
+                values[name] = _parse(name, raw, f.type)
+        if file is not None:
+            data = yaml.safe_load(Path(file).read_text()) or {}
+            if not isinstance(data, dict):
+                raise ValueError(f"{file}: a cluster config must be a YAML mapping")
+            unknown = sorted(set(data) - set(fields))
+            if unknown:
+                raise ValueError(f"{file}: unknown key {unknown[0]!r}; known: {', '.join(sorted(fields))}")
+            values.update(data)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+
+def _parse(name: str, raw: str, type_name: Any) -> Any:
+    type_text = str(type_name)
+    try:
+        if type_text.startswith("int"):
+            return int(raw)
+        if type_text.startswith("float"):
+            return float(raw)
+    except ValueError:
+        raise ValueError(f"{ENV_PREFIX}{name.upper()}={raw!r} is not a number") from None
+    return raw

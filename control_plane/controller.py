@@ -1,0 +1,259 @@
+"""The reconcile logic: make the worker pools match the desired state in the store.
+
+`Controller` is plain Python over a `StateStore` and `PoolManager`s; the `ControlPlane` actor runs
+`reconcile_once` in a loop that never dies. Each sub-step is wrapped on its own, so a failing
+step (a dead Redis, an actor that will not start) is logged, counted and retried next loop while
+the other steps still run.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import ray
+
+from control_plane.pools import PoolKey, PoolManager
+from control_plane.spec import DeploymentSpec, PoolSpec
+from control_plane.state import StateSnapshot, StateStore
+from router.quota import QuotaLimits
+from router.server import RoutingState, WorkerEntry
+from router.table import DeploymentRoute, RoutingTable
+from workers.actors import WorkerConfig
+from workers.engine.config import EngineConfig
+from workers.messages import WorkerStats
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ReconcileStats:
+    """Counters of the reconcile loop, reported by `raylane status`."""
+
+    num_loops: int = 0
+    num_errors: int = 0
+    num_workers_replaced: int = 0
+    last_loop_ms: float = 0.0
+    step_ms: dict[str, float] = field(default_factory=dict)
+    """Duration of each sub-step in the last loop."""
+
+
+@dataclass(kw_only=True, frozen=True)
+class WorkerInfo:
+    worker_id: str
+    role: str
+    state: str
+    stats: WorkerStats | None = None
+
+
+@dataclass(kw_only=True, frozen=True)
+class PoolInfo:
+    deployment: str
+    role: str
+    desired_replicas: int
+    workers: tuple[WorkerInfo, ...] = ()
+
+
+def engine_config(spec: DeploymentSpec) -> EngineConfig:
+    """The engine every worker of `spec` runs."""
+    e = spec.engine
+    return EngineConfig(
+        model=spec.model,
+        dtype=spec.dtype,
+        block_size=e.block_size,
+        kv_cache_bytes=e.kv_cache_bytes,
+        max_num_batched_tokens=e.max_num_batched_tokens,
+        max_num_seqs=e.max_num_seqs,
+        enable_prefix_caching=e.enable_prefix_caching,
+        max_loras=e.max_loras,
+        max_lora_rank=e.max_lora_rank,
+        num_threads=1,
+    )
+
+
+def pool_fingerprint(spec: DeploymentSpec, pool: PoolSpec) -> tuple:
+    """What, when changed, means a pool's workers must be restarted (replica count alone does not)."""
+    return (spec.model, spec.dtype, spec.engine, pool.num_cpus, pool.num_gpus)
+
+
+def routing_table(snapshot: StateSnapshot) -> RoutingTable:
+    """The router's view of the desired state."""
+    return RoutingTable(
+        version=snapshot.version,
+        deployments={
+            name: DeploymentRoute(name=name, is_disaggregated=spec.is_disaggregated)
+            for name, spec in snapshot.deployments.items()
+        },
+        tenants={
+            name: QuotaLimits(
+                max_concurrent=t.quota.max_concurrent,
+                tokens_per_minute=t.quota.tokens_per_minute,
+                burst_tokens=t.quota.burst_tokens,
+            )
+            for name, t in snapshot.tenants.items()
+        },
+        key_hashes=dict(snapshot.key_hashes),
+        adapter_owners={key: adapter.tenant for key, adapter in snapshot.adapters.items()},
+    )
+
+
+class Controller:
+    """Desired state (the store) versus actual state (the pools), and the views derived from both."""
+
+    def __init__(self, store: StateStore, *, make_pool: Callable[..., PoolManager] = PoolManager) -> None:
+        self.store = store
+        self._make_pool = make_pool
+        self.pools: dict[PoolKey, PoolManager] = {}
+        self._fingerprints: dict[PoolKey, tuple] = {}
+        self._desired_replicas: dict[PoolKey, int] = {}
+        self._loaded_adapters: dict[str, set[str]] = {}
+        self._deployment_adapters: dict[str, tuple[tuple[str, str], ...]] = {}
+        self.stats = ReconcileStats()
+
+    # ---- the loop body ------------------------------------------------------------------------
+
+    def reconcile_once(self) -> None:
+        """One pass; never raises."""
+        start = time.perf_counter()
+        for name, step in (("pools", self._sync_pools), ("health", self._heal), ("adapters", self._sync_adapters)):
+            step_start = time.perf_counter()
+            try:
+                step()
+            except Exception:
+                self.stats.num_errors += 1
+                logger.exception("reconcile step failed step=%s", name)
+            finally:
+                self.stats.step_ms[name] = (time.perf_counter() - step_start) * 1e3
+        self.stats.num_loops += 1
+        self.stats.last_loop_ms = (time.perf_counter() - start) * 1e3
+
+    def _sync_pools(self) -> None:
+        desired = {
+            PoolKey(deployment=spec.name, role=pool.role): (spec, pool)
+            for spec in self.store.list_deployments()
+            for pool in spec.pools
+        }
+        for key in list(self.pools):
+            if key not in desired:
+                self._remove_pool(key, reason="deployment deleted")
+        adapters = self.store.list_adapters()
+        for key, (spec, pool) in desired.items():
+            fingerprint = pool_fingerprint(spec, pool)
+            deployment_adapters = tuple((a.name, a.path) for a in adapters if a.deployment == spec.name)
+            self._deployment_adapters[spec.name] = deployment_adapters
+            if key in self.pools and self._fingerprints[key] != fingerprint:
+                self._remove_pool(key, reason="spec changed")
+            if key not in self.pools:
+                self.pools[key] = self._make_pool(
+                    key,
+                    num_cpus=pool.num_cpus,
+                    num_gpus=pool.num_gpus,
+                    make_config=self._config_factory(spec, pool.role),
+                )
+                self._fingerprints[key] = fingerprint
+                logger.info("pool created deployment=%s role=%s replicas=%d", key.deployment, key.role, pool.replicas)
+            if self._desired_replicas.get(key) != pool.replicas:
+                logger.info(
+                    "pool scaled deployment=%s role=%s from=%s to=%d",
+                    key.deployment,
+                    key.role,
+                    self._desired_replicas.get(key),
+                    pool.replicas,
+                )
+            self._desired_replicas[key] = pool.replicas
+            started = self.pools[key].ensure_replicas(pool.replicas)
+            for worker_id in started:
+                self._loaded_adapters[worker_id] = {name for name, _ in deployment_adapters}
+
+    def _heal(self) -> None:
+        for key, pool in list(self.pools.items()):
+            for worker_id in pool.check_health():
+                logger.warning("worker dead deployment=%s role=%s worker_id=%s", key.deployment, key.role, worker_id)
+                pool.replace(worker_id)
+                self._loaded_adapters.pop(worker_id, None)
+                self.stats.num_workers_replaced += 1
+                self.store.append_event("worker_replaced", worker_id=worker_id, deployment=key.deployment)
+
+    def _sync_adapters(self) -> None:
+        """Adapters registered after a worker started are pushed to it."""
+        adapters = self.store.list_adapters()
+        for key, pool in list(self.pools.items()):
+            wanted = {a.name: a.path for a in adapters if a.deployment == key.deployment}
+            for worker_id, handle in pool.workers().items():
+                loaded = self._loaded_adapters.setdefault(worker_id, set(wanted))
+                for name in sorted(set(wanted) - loaded):
+                    ray.get(handle.add_lora.remote(name, wanted[name]), timeout=30)
+                    loaded.add(name)
+                    logger.info("adapter pushed worker_id=%s adapter=%s", worker_id, name)
+
+    def _remove_pool(self, key: PoolKey, *, reason: str) -> None:
+        pool = self.pools.pop(key)
+        for worker_id in pool.workers():
+            self._loaded_adapters.pop(worker_id, None)
+        pool.shutdown()
+        self._fingerprints.pop(key, None)
+        self._desired_replicas.pop(key, None)
+        logger.info("pool removed deployment=%s role=%s reason=%s", key.deployment, key.role, reason)
+
+    def _config_factory(self, spec: DeploymentSpec, role: str) -> Callable[[str], WorkerConfig]:
+        engine = engine_config(spec)
+
+        def make(worker_id: str) -> WorkerConfig:
+            # A (re)started worker loads the adapters registered as of the last `_sync_pools`.
+            adapters = self._deployment_adapters.get(spec.name, ())
+            return WorkerConfig(worker_id=worker_id, deployment=spec.name, role=role, engine=engine, adapters=adapters)
+
+        return make
+
+    # ---- views --------------------------------------------------------------------------------
+
+    def routing_state(self) -> RoutingState:
+        snapshot = self.store.snapshot()
+        workers: dict[str, WorkerEntry] = {}
+        for key, pool in list(self.pools.items()):
+            for worker_id, handle in pool.workers().items():
+                workers[worker_id] = WorkerEntry(
+                    worker_id=worker_id, deployment=key.deployment, role=key.role, handle=handle
+                )
+        models = {name: spec.model for name, spec in snapshot.deployments.items()}
+        return RoutingState(table=routing_table(snapshot), workers=workers, models=models)
+
+    def pool_infos(self, deployment: str = "", timeout_s: float = 2.0) -> list[PoolInfo]:
+        """Every pool (or one deployment's) with its workers' live stats."""
+        pools = [(k, p) for k, p in list(self.pools.items()) if not deployment or k.deployment == deployment]
+        refs: dict[str, Any] = {}
+        for _, pool in pools:
+            for worker_id, handle in pool.workers().items():
+                refs[worker_id] = handle.stats.remote()
+        stats: dict[str, WorkerStats] = {}
+        if refs:
+            ready, _ = ray.wait(list(refs.values()), num_returns=len(refs), timeout=timeout_s)
+            ready_set = set(ready)
+            for worker_id, ref in refs.items():
+                if ref in ready_set:
+                    try:
+                        stats[worker_id] = ray.get(ref)
+                    except Exception:
+                        logger.debug("stats failed worker_id=%s", worker_id)
+        infos = []
+        for key, pool in pools:
+            workers = tuple(
+                WorkerInfo(worker_id=wid, role=key.role, state=state, stats=stats.get(wid))
+                for wid, state in sorted(pool.worker_states().items())
+            )
+            infos.append(
+                PoolInfo(
+                    deployment=key.deployment,
+                    role=key.role,
+                    desired_replicas=self._desired_replicas.get(key, 0),
+                    workers=workers,
+                )
+            )
+        return infos
+
+    def shutdown(self) -> None:
+        for key in list(self.pools):
+            self._remove_pool(key, reason="shutdown")

@@ -1,0 +1,199 @@
+"""The router's request path, free of gRPC and Ray: authenticate, validate, admit, place, stream.
+
+`RouterServicer` (gRPC) and tests drive it; `Directory` supplies the routing table, the
+cluster view and the worker clients (from Ray in production, in-process in tests).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import uuid
+from collections import Counter
+from collections.abc import AsyncIterator, Mapping
+from contextlib import aclosing
+from dataclasses import dataclass
+from typing import Protocol
+
+from router.dispatch import WorkerClient, run_placed
+from router.errors import (
+    InvalidArgument,
+    PermissionDenied,
+    ResourceExhausted,
+    RouterError,
+    Unauthenticated,
+    Unavailable,
+)
+from router.policy import ClusterView, LeastLoadedPolicy, NoCapacityError, Policy, RouteRequest
+from router.quota import QuotaExceededError, QuotaTracker
+from router.table import RoutingTable
+from workers.engine.errors import InvalidRequestError
+from workers.engine.sampling_params import SamplingParams
+from workers.messages import GenerateCall, TokenChunk
+
+logger = logging.getLogger(__name__)
+
+MAX_PROMPT_CHARS = 1 << 20
+"""Refuse absurd prompts before they cost a tokenizer pass (1 MiB of text)."""
+
+
+@dataclass(kw_only=True, frozen=True)
+class GenerateInput:
+    """A client's request, converted from protobuf at the edge."""
+
+    deployment: str
+    prompt: str = ""
+    prompt_token_ids: tuple[int, ...] = ()
+    adapter: str = ""
+    max_tokens: int = 0
+    """0 means the default (16)."""
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 0.0
+    """0 means 1.0."""
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    request_id: str = ""
+    priority: int = 0
+
+
+class Directory(Protocol):
+    """Where the router's knowledge of the cluster comes from."""
+
+    def table(self) -> RoutingTable: ...
+
+    def view(self) -> ClusterView: ...
+
+    def clients(self) -> Mapping[str, WorkerClient]: ...
+
+
+class RouterCore:
+    """One router replica's request path. Not thread-safe: everything runs on one event loop."""
+
+    def __init__(self, directory: Directory, *, policy: Policy | None = None, quotas: QuotaTracker | None = None):
+        self.directory = directory
+        self.policy = policy or LeastLoadedPolicy()
+        self.quotas = quotas or QuotaTracker()
+        self._inflight: Counter[str] = Counter()
+
+    def authenticate(self, api_key: str | None) -> str:
+        """The tenant behind `api_key`, or `Unauthenticated`."""
+        if not api_key:
+            raise Unauthenticated("missing API key: send metadata `authorization: Bearer <key>`")
+        tenant = self.directory.table().tenant_for_key(api_key)
+        if tenant is None:
+            raise Unauthenticated("unknown or revoked API key")
+        return tenant
+
+    def prepare(self, tenant: str, inp: GenerateInput) -> tuple[GenerateCall, RouteRequest]:
+        """Validate `inp` for `tenant` and build the worker call; raises `RouterError` subclasses."""
+        table = self.directory.table()
+        if not inp.deployment:
+            raise InvalidArgument("deployment is required")
+        if inp.deployment not in table.deployments:
+            raise InvalidArgument(f"unknown deployment {inp.deployment!r}; known: {sorted(table.deployments)}")
+        if bool(inp.prompt) == bool(inp.prompt_token_ids):
+            raise InvalidArgument("give exactly one of prompt or prompt_token_ids (non-empty)")
+        if len(inp.prompt) > MAX_PROMPT_CHARS:
+            raise InvalidArgument(f"prompt is {len(inp.prompt)} characters; the limit is {MAX_PROMPT_CHARS}")
+        adapter = inp.adapter or None
+        if adapter is not None:
+            owner = table.adapter_owners.get((inp.deployment, adapter))
+            if owner is None:
+                raise InvalidArgument(f"unknown adapter {adapter!r} for deployment {inp.deployment!r}")
+            if owner != tenant:
+                raise PermissionDenied(f"adapter {adapter!r} belongs to another tenant")
+        try:
+            sampling = SamplingParams(
+                max_tokens=inp.max_tokens or 16,
+                temperature=inp.temperature,
+                top_k=inp.top_k,
+                top_p=inp.top_p or 1.0,
+                seed=inp.seed,
+                stop=inp.stop,
+                stop_token_ids=inp.stop_token_ids,
+                ignore_eos=inp.ignore_eos,
+            )
+        except InvalidRequestError as exc:
+            raise InvalidArgument(str(exc)) from None
+        request_id = f"{tenant}/{inp.request_id or uuid.uuid4().hex}"
+        call = GenerateCall(
+            request_id=request_id,
+            prompt=inp.prompt or None,
+            prompt_token_ids=tuple(inp.prompt_token_ids) or None,
+            sampling=sampling,
+            adapter=adapter,
+            priority=inp.priority,
+        )
+        estimate = len(inp.prompt_token_ids) or len(inp.prompt) // 4 + 1
+        route = RouteRequest(
+            request_id=request_id,
+            deployment=inp.deployment,
+            tenant=tenant,
+            adapter=adapter,
+            num_prompt_tokens_estimate=estimate,
+            max_tokens=sampling.max_tokens,
+        )
+        return call, route
+
+    async def generate(self, api_key: str | None, inp: GenerateInput) -> AsyncIterator[TokenChunk]:
+        """The whole request path; closing the iterator early (cancel, deadline) aborts on the worker."""
+        tenant = self.authenticate(api_key)
+        call, route = self.prepare(tenant, inp)
+        limits = self.directory.table().tenants.get(tenant)
+        if limits is None:
+            raise Unauthenticated(f"tenant {tenant!r} no longer exists")
+        try:
+            reservation = self.quotas.acquire(tenant, limits, route.num_prompt_tokens_estimate + route.max_tokens)
+        except QuotaExceededError as exc:
+            raise ResourceExhausted(str(exc), retry_after_s=exc.retry_after_s) from None
+        used_tokens = route.num_prompt_tokens_estimate
+        try:
+            decision = self._place(route)
+            placed = [w for w in (decision.worker_id, decision.prefill_worker_id) if w]
+            self._inflight.update(placed)
+            try:
+                async with aclosing(run_placed(decision, call, self.directory.clients())) as stream:
+                    async for chunk in _translate_errors(stream):
+                        used_tokens += len(chunk.token_ids)
+                        yield chunk
+            finally:
+                self._inflight.subtract(placed)
+        finally:
+            self.quotas.release(reservation, limits, used_tokens)
+
+    def _place(self, route: RouteRequest):
+        view = self.directory.view()
+        if self._inflight:
+            view = ClusterView(
+                workers={
+                    dep: [dataclasses.replace(w, num_inflight=self._inflight[w.worker_id]) for w in workers]
+                    for dep, workers in view.workers.items()
+                }
+            )
+        try:
+            return self.policy.route(route, view)
+        except NoCapacityError as exc:
+            raise Unavailable(str(exc), retry_after_s=exc.retry_after_s) from None
+
+
+async def _translate_errors(stream: AsyncIterator[TokenChunk]) -> AsyncIterator[TokenChunk]:
+    """Worker failures become client-facing `RouterError`s; nothing else escapes."""
+    try:
+        async for chunk in stream:
+            yield chunk
+    except RouterError:
+        raise
+    except InvalidRequestError as exc:
+        raise InvalidArgument(_cause_message(exc)) from None
+    except Exception as exc:
+        logger.warning("worker call failed error=%s", type(exc).__name__, exc_info=True)
+        raise Unavailable("the worker serving this request failed; retry", retry_after_s=0.5) from None
+
+
+def _cause_message(exc: BaseException) -> str:
+    # Ray wraps worker exceptions; the first line of the cause is the engine's own message.
+    cause = getattr(exc, "cause", None) or exc
+    return str(cause).strip().splitlines()[-1] if str(cause).strip() else type(cause).__name__

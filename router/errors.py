@@ -1,0 +1,53 @@
+"""Errors the router returns to clients, each with the gRPC status DESIGN.md maps it to."""
+
+from __future__ import annotations
+
+import enum
+
+
+class Status(enum.Enum):
+    """The gRPC status codes the router uses (names match `grpc.StatusCode`)."""
+
+    INVALID_ARGUMENT = "INVALID_ARGUMENT"
+    UNAUTHENTICATED = "UNAUTHENTICATED"
+    PERMISSION_DENIED = "PERMISSION_DENIED"
+    RESOURCE_EXHAUSTED = "RESOURCE_EXHAUSTED"
+    UNAVAILABLE = "UNAVAILABLE"
+    DEADLINE_EXCEEDED = "DEADLINE_EXCEEDED"
+    CANCELLED = "CANCELLED"
+    INTERNAL = "INTERNAL"
+
+
+class RouterError(Exception):
+    """A request failed in a way the client should be told about; never carries a stack trace out."""
+
+    status: Status = Status.INTERNAL
+
+    def __init__(self, message: str, *, retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.retry_after_s = retry_after_s
+
+
+class InvalidArgument(RouterError):
+    status = Status.INVALID_ARGUMENT
+
+
+class Unauthenticated(RouterError):
+    status = Status.UNAUTHENTICATED
+
+
+class PermissionDenied(RouterError):
+    status = Status.PERMISSION_DENIED
+
+
+class ResourceExhausted(RouterError):
+    status = Status.RESOURCE_EXHAUSTED
+
+
+class Unavailable(RouterError):
+    status = Status.UNAVAILABLE
+
+
+class DeadlineExceeded(RouterError):
+    status = Status.DEADLINE_EXCEEDED

@@ -1,0 +1,129 @@
+"""The gRPC `Router` servicer: protobuf in, `RouterCore` in the middle, protobuf and status codes out."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator
+
+import grpc
+
+from protos.raylane.v1 import router_pb2, router_pb2_grpc
+from router.core import GenerateInput, RouterCore
+from router.errors import InvalidArgument, RouterError, Unavailable
+from workers.messages import TokenChunk
+
+logger = logging.getLogger(__name__)
+
+RETRY_METADATA_KEY = "retry-after-ms"
+
+
+def api_key_from(context: grpc.aio.ServicerContext) -> str | None:
+    """The bearer token of the `authorization` metadata, if any."""
+    for key, value in context.invocation_metadata() or ():
+        if key.lower() == "authorization":
+            scheme, _, token = value.partition(" ")
+            return token.strip() if scheme.lower() == "bearer" else None
+    return None
+
+
+def to_input(request: router_pb2.GenerateRequest) -> GenerateInput:
+    s = request.sampling
+    return GenerateInput(
+        deployment=request.deployment,
+        prompt=request.prompt,
+        prompt_token_ids=tuple(request.prompt_token_ids),
+        adapter=request.adapter,
+        max_tokens=s.max_tokens,
+        temperature=s.temperature,
+        top_k=s.top_k,
+        top_p=s.top_p,
+        seed=s.seed if s.HasField("seed") else None,
+        stop=tuple(s.stop),
+        stop_token_ids=tuple(s.stop_token_ids),
+        ignore_eos=s.ignore_eos,
+        request_id=request.request_id,
+        priority=request.priority,
+    )
+
+
+def to_proto(chunk: TokenChunk, num_output_tokens: int) -> router_pb2.TokenChunk:
+    message = router_pb2.TokenChunk(
+        request_id=chunk.request_id,
+        seq=chunk.seq,
+        token_ids=chunk.token_ids,
+        text=chunk.text,
+        finished=chunk.finished,
+        finish_reason=chunk.finish_reason or "",
+    )
+    if chunk.finished:
+        message.usage.CopyFrom(
+            router_pb2.Usage(
+                prompt_tokens=chunk.num_prompt_tokens,
+                completion_tokens=num_output_tokens,
+                cached_prompt_tokens=chunk.num_cached_tokens,
+            )
+        )
+    return message
+
+
+class RouterServicer(router_pb2_grpc.RouterServicer):
+    """Maps `RouterError`s to status codes (with a `retry-after-ms` trailer) and never leaks a traceback."""
+
+    def __init__(self, core: RouterCore, count_tokens=None) -> None:
+        self.core = core
+        self._count_tokens = count_tokens
+
+    async def Generate(self, request, context) -> AsyncIterator[router_pb2.TokenChunk]:
+        num_tokens = 0
+        try:
+            async for chunk in self.core.generate(api_key_from(context), to_input(request)):
+                num_tokens += len(chunk.token_ids)
+                yield to_proto(chunk, num_tokens)
+        except RouterError as exc:
+            await _abort(context, exc)
+        except Exception:
+            logger.exception("Generate failed")
+            await _abort(context, Unavailable("internal router error; retry", retry_after_s=1.0))
+
+    async def Complete(self, request, context) -> router_pb2.CompleteResponse:
+        start = time.perf_counter()
+        response = router_pb2.CompleteResponse()
+        texts: list[str] = []
+        try:
+            async for chunk in self.core.generate(api_key_from(context), to_input(request)):
+                if not response.token_ids and chunk.token_ids:
+                    response.ttft_ms = (time.perf_counter() - start) * 1e3
+                response.request_id = chunk.request_id
+                response.token_ids.extend(chunk.token_ids)
+                texts.append(chunk.text)
+                if chunk.finished:
+                    response.finish_reason = chunk.finish_reason or ""
+                    response.usage.CopyFrom(to_proto(chunk, len(response.token_ids)).usage)
+        except RouterError as exc:
+            await _abort(context, exc)
+        except Exception:
+            logger.exception("Complete failed")
+            await _abort(context, Unavailable("internal router error; retry", retry_after_s=1.0))
+        response.text = "".join(texts)
+        return response
+
+    async def CountTokens(self, request, context) -> router_pb2.CountTokensResponse:
+        try:
+            tenant = self.core.authenticate(api_key_from(context))
+            if request.deployment not in self.core.directory.table().deployments:
+                raise InvalidArgument(f"unknown deployment {request.deployment!r}")
+            if self._count_tokens is None:
+                raise Unavailable("token counting is not available on this router")
+            num = await self._count_tokens(request.deployment, request.text)
+            logger.debug("count tokens tenant=%s deployment=%s tokens=%d", tenant, request.deployment, num)
+            return router_pb2.CountTokensResponse(num_tokens=num)
+        except RouterError as exc:
+            await _abort(context, exc)
+
+
+async def _abort(context: grpc.aio.ServicerContext, exc: RouterError) -> None:
+    if exc.retry_after_s is not None:
+        context.set_trailing_metadata(((RETRY_METADATA_KEY, str(int(exc.retry_after_s * 1000))),))
+    logger.info("request refused status=%s reason=%s", exc.status.value, exc.message)
+    await context.abort(getattr(grpc.StatusCode, exc.status.value), exc.message)

@@ -1,0 +1,291 @@
+"""The Ray actor that serves one engine in a prefill, decode or mixed role.
+
+Only this module (in `workers/`) imports Ray. Streams are Ray streaming generators of `TokenChunk`;
+cancelling one (`ray.cancel`) aborts the request in the engine and frees its KV blocks. Engine
+errors reach the caller as their own type (Ray's `RayTaskError` also subclasses the cause).
+
+Prefill/decode handoff::
+
+    first_ref, kv_ref = prefill_worker.prefill.options(num_returns=2).remote(call)
+    first = await first_ref                     # PrefillResult, small
+    if not first.first.finished:                # the KV goes worker to worker via the object store
+        async for ref in decode_worker.decode.remote(kv_ref, call): chunk = await ref   # seq 1, 2, ...
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import ray
+import torch
+
+from workers.engine.async_engine import AsyncEngine
+from workers.engine.config import EngineConfig
+from workers.engine.engine import Engine
+from workers.engine.kv_transfer import KVExport
+from workers.engine.request import RequestOutput
+from workers.messages import ROLES, GenerateCall, PrefillResult, TokenChunk, WorkerStats, WrongRoleError
+
+logger = logging.getLogger(__name__)
+
+_MAX_CONCURRENCY = 1000
+"""Concurrent calls per actor: every open stream holds one, so this bounds streams, not compute."""
+_STREAM_BACKPRESSURE = 16
+"""Unconsumed chunks a stream may buffer before its producer waits for the consumer (Ray's generator backpressure)."""
+
+
+@dataclass(kw_only=True, frozen=True)
+class WorkerConfig:
+    """Everything one worker actor needs to start."""
+
+    worker_id: str
+    """Unique id, `{deployment}-{role}-{n}`; also names the actor."""
+    deployment: str
+    """Deployment the worker serves."""
+    role: str
+    """`prefill`, `decode` or `mixed`."""
+    engine: EngineConfig
+    """The engine this worker runs."""
+    adapters: tuple[tuple[str, str], ...] = ()
+    """`(name, path)` LoRA adapters registered at start."""
+    num_torch_threads: int = 1
+    """torch intra-op threads in the actor; 1 so co-located actors do not fight over cores."""
+    stream_stall_timeout_s: float = 30.0
+    """Abort a request whose consumer left `_STREAM_BACKPRESSURE` chunks unread for this long, freeing its blocks."""
+
+    def __post_init__(self) -> None:
+        if not self.worker_id or not self.deployment:
+            raise ValueError("worker_id and deployment must be non-empty")
+        if self.role not in ROLES:
+            raise ValueError(f"role must be one of {ROLES}, got {self.role!r}")
+        if self.num_torch_threads < 1:
+            raise ValueError(f"num_torch_threads must be >= 1, got {self.num_torch_threads}")
+        if self.stream_stall_timeout_s <= 0:
+            raise ValueError(f"stream_stall_timeout_s must be positive, got {self.stream_stall_timeout_s}")
+        object.__setattr__(self, "adapters", tuple((str(n), str(p)) for n, p in self.adapters))
+        names = [name for name, _ in self.adapters]
+        if len(set(names)) != len(names):
+            raise ValueError(f"adapter names must be unique, got {names}")
+
+
+@ray.remote(max_concurrency=_MAX_CONCURRENCY)
+class LLMWorker:
+    """One engine behind Ray: streams tokens, hands KV off between prefill and decode, reports load."""
+
+    def __init__(self, config: WorkerConfig) -> None:
+        self.config = config
+        self._init_threads()
+        self._init_engine()
+        self._is_shut_down = False
+        self._background_tasks: set[asyncio.Task] = set()
+
+    def _init_threads(self) -> None:
+        torch.set_num_threads(self.config.num_torch_threads)
+
+    def _init_engine(self) -> None:
+        engine = Engine(self.config.engine)
+        # Registered before the step loop starts, so the engine is still single-threaded here.
+        for name, path in self.config.adapters:
+            engine.add_lora(name, path)
+        self.kv_bytes_per_block = engine.model_config.kv_bytes_per_token(engine.dtype) * self.config.engine.block_size
+        self.engine = AsyncEngine(engine)
+        logger.info(
+            "worker started worker_id=%s deployment=%s role=%s model=%s adapters=%s",
+            self.config.worker_id,
+            self.config.deployment,
+            self.config.role,
+            self.config.engine.model,
+            [name for name, _ in self.config.adapters],
+        )
+
+    # ---- health and load ----------------------------------------------------------------------
+
+    async def ping(self) -> str:
+        self._check_alive()
+        return self.config.worker_id
+
+    async def stats(self) -> WorkerStats:
+        self._check_alive()
+        stats = await self.engine.acall(lambda engine: engine.stats())
+        return WorkerStats(
+            worker_id=self.config.worker_id,
+            deployment=self.config.deployment,
+            role=self.config.role,
+            num_running=stats.num_running,
+            num_waiting=stats.num_waiting,
+            kv_blocks_used=stats.num_kv_blocks_used,
+            kv_blocks_total=stats.num_kv_blocks_total,
+            kv_usage=stats.kv_usage,
+            output_tokens_per_s=stats.output_tokens_per_s,
+            num_generated_tokens=stats.num_generated_tokens,
+            prefix_cache_hit_rate=stats.prefix_cache_hit_rate,
+            num_preemptions=stats.num_preemptions,
+            adapters=list(stats.lora_adapters),
+            expert_counts=dict(stats.expert_counts),
+            kv_bytes_per_block=self.kv_bytes_per_block,
+        )
+
+    # ---- serving ------------------------------------------------------------------------------
+
+    @ray.method(num_returns="streaming", _generator_backpressure_num_objects=_STREAM_BACKPRESSURE)
+    async def generate(self, call: GenerateCall) -> AsyncIterator[TokenChunk]:
+        """Stream the whole output of `call` (seq 0, 1, ...). Roles: mixed, decode."""
+        self._check_role("generate", ("mixed", "decode"))
+        stream = self.engine.generate(
+            call.request_id, call.engine_prompt, call.sampling, lora_name=call.adapter, priority=call.priority
+        )
+        async for chunk in self._chunks(call.request_id, stream, first_seq=0):
+            yield chunk
+
+    @ray.method(num_returns=2)
+    async def prefill(self, call: GenerateCall) -> tuple[PrefillResult, KVExport | None]:
+        """Run `call` to its first token and return it with the exported KV; the engine keeps nothing.
+
+        The export is None when the first token finished the request. Roles: prefill, mixed.
+        """
+        self._check_role("prefill", ("prefill", "mixed"))
+        start = time.perf_counter()
+        output, export = await self.engine.prefill(
+            call.request_id, call.engine_prompt, call.sampling, lora_name=call.adapter, priority=call.priority
+        )
+        prefill_ms = (time.perf_counter() - start) * 1e3
+        kv_bytes = 0 if export is None else export.nbytes
+        logger.info(
+            "pd prefill handoff worker_id=%s request_id=%s prompt_tokens=%d blocks=%d bytes=%d prefill_ms=%.1f "
+            "finished=%s",
+            self.config.worker_id,
+            call.request_id,
+            output.num_prompt_tokens,
+            0 if export is None else export.num_blocks,
+            kv_bytes,
+            prefill_ms,
+            output.finished,
+        )
+        first = self._chunk(call.request_id, 0, output)
+        return PrefillResult(first=first, prefill_ms=prefill_ms, kv_bytes=kv_bytes), export
+
+    @ray.method(num_returns="streaming", _generator_backpressure_num_objects=_STREAM_BACKPRESSURE)
+    async def decode(self, export: KVExport, call: GenerateCall) -> AsyncIterator[TokenChunk]:
+        """Import the KV a prefill worker exported and stream the rest of the output (seq 1, 2, ...).
+
+        Roles: decode, mixed.
+        """
+        self._check_role("decode", ("decode", "mixed"))
+        if export is None:
+            raise ValueError(f"request {call.request_id!r} finished at prefill; there is nothing to decode")
+        if export.request_id != call.request_id:
+            raise ValueError(f"KV export is for {export.request_id!r}, the call is {call.request_id!r}")
+        start = time.perf_counter()
+        is_first = True
+        first_seq = len(export.output_token_ids)
+        async for chunk in self._chunks(call.request_id, self.engine.resume(export), first_seq=first_seq):
+            if is_first:
+                is_first = False
+                # Import plus one decode step: the handoff cost the decode side adds.
+                logger.info(
+                    "pd decode handoff worker_id=%s request_id=%s blocks=%d bytes=%d tokens=%d first_token_ms=%.1f",
+                    self.config.worker_id,
+                    call.request_id,
+                    export.num_blocks,
+                    export.nbytes,
+                    export.num_computed_tokens,
+                    (time.perf_counter() - start) * 1e3,
+                )
+            yield chunk
+
+    async def abort(self, request_id: str) -> bool:
+        """Abort a request wherever it is; an open stream for it ends with finish_reason `abort`."""
+        self._check_alive()
+        return await self.engine.abort(request_id)
+
+    # ---- adapters -----------------------------------------------------------------------------
+
+    async def add_lora(self, name: str, path: str) -> None:
+        self._check_alive()
+        await self.engine.acall(lambda engine: engine.add_lora(name, path))
+        logger.info("lora added worker_id=%s name=%s path=%s", self.config.worker_id, name, path)
+
+    async def remove_lora(self, name: str) -> None:
+        self._check_alive()
+        await self.engine.acall(lambda engine: engine.remove_lora(name))
+        logger.info("lora removed worker_id=%s name=%s", self.config.worker_id, name)
+
+    async def shutdown(self) -> None:
+        """Stop the step loop; the actor answers nothing but errors afterwards and waits to be killed."""
+        if self._is_shut_down:
+            return
+        self._is_shut_down = True
+        self.engine.shutdown()
+        logger.info("worker shut down worker_id=%s", self.config.worker_id)
+
+    # ---- internals ----------------------------------------------------------------------------
+
+    async def _chunks(
+        self, request_id: str, outputs: AsyncIterator[RequestOutput], *, first_seq: int
+    ) -> AsyncIterator[TokenChunk]:
+        seq = first_seq
+        start = time.perf_counter()
+        finish_reason = None
+        loop = asyncio.get_running_loop()
+        try:
+            async for output in outputs:
+                # Ray tells the producer nothing when a consumer stops reading; a yield blocked on backpressure
+                # for too long is the only sign, so the request is aborted rather than holding blocks forever.
+                stall = loop.call_later(self.config.stream_stall_timeout_s, self._abort_stalled, request_id)
+                try:
+                    yield self._chunk(request_id, seq, output)
+                finally:
+                    stall.cancel()
+                seq += len(output.new_token_ids)
+                finish_reason = output.finish_reason
+        finally:
+            # Leaving early (a cancel, or the consumer went away) closes `outputs`, which aborts the request.
+            await outputs.aclose()
+            logger.info(
+                "stream closed worker_id=%s request_id=%s tokens=%d finish_reason=%s ms=%.1f",
+                self.config.worker_id,
+                request_id,
+                seq - first_seq,
+                finish_reason or "cancelled",
+                (time.perf_counter() - start) * 1e3,
+            )
+
+    def _abort_stalled(self, request_id: str) -> None:
+        logger.warning(
+            "stream stalled, aborting worker_id=%s request_id=%s stall_timeout_s=%.1f",
+            self.config.worker_id,
+            request_id,
+            self.config.stream_stall_timeout_s,
+        )
+        # Through AsyncEngine.abort, so the stalled stream ends with an `abort` chunk if it is ever read again.
+        task = asyncio.get_running_loop().create_task(self.engine.abort(request_id))
+        self._background_tasks.add(task)
+        task.add_done_callback(self._background_tasks.discard)
+
+    def _chunk(self, request_id: str, seq: int, output: RequestOutput) -> TokenChunk:
+        return TokenChunk(
+            request_id=request_id,
+            seq=seq,
+            token_ids=list(output.new_token_ids),
+            text=output.text_delta,
+            finished=output.finished,
+            finish_reason=output.finish_reason,
+            num_prompt_tokens=output.num_prompt_tokens,
+            num_cached_tokens=output.num_cached_tokens,
+            worker_id=self.config.worker_id,
+        )
+
+    def _check_role(self, method: str, roles: tuple[str, ...]) -> None:
+        self._check_alive()
+        if self.config.role not in roles:
+            raise WrongRoleError(
+                f"worker {self.config.worker_id} has role {self.config.role!r}; {method} needs one of {roles}"
+            )
+
+    def _check_alive(self) -> None:
+        if self._is_shut_down:
+            raise RuntimeError(f"worker {self.config.worker_id} is shut down")
