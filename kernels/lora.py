@@ -24,3 +24,21 @@ def add_lora(
         rows = (slots == slot).nonzero().squeeze(1)
         delta = (x.index_select(0, rows) @ lora_a[slot].t()) @ lora_b[slot].t()
         y.index_add_(0, rows, delta)
+
+
+def lora_shrink(x: torch.Tensor, lora_a: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """`[T, max_rank]` buffer with row t = `x[t] @ A[slots[t]].T`, zeros where `slots[t] < 0`."""
+    out = torch.zeros(x.shape[0], lora_a.shape[1], dtype=x.dtype, device=x.device)
+    for slot in torch.unique(slots).tolist():
+        if slot >= 0:
+            rows = (slots == slot).nonzero().squeeze(1)
+            out[rows] = x.index_select(0, rows) @ lora_a[slot].t()
+    return out
+
+
+def lora_expand(y: torch.Tensor, buffer: torch.Tensor, lora_b: torch.Tensor, slots: torch.Tensor) -> None:
+    """`y[t] += buffer[t] @ B[slots[t]].T` in place for tokens with an adapter."""
+    for slot in torch.unique(slots).tolist():
+        if slot >= 0:
+            rows = (slots == slot).nonzero().squeeze(1)
+            y.index_add_(0, rows, buffer.index_select(0, rows) @ lora_b[slot].t())

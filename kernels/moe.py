@@ -41,3 +41,35 @@ def fused_moe(
     out = torch.zeros_like(x)
     out.index_add_(0, token_of, out_sorted * weights[:, None])
     return out
+
+
+def align_block_size(group_ids: torch.Tensor, num_groups: int, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sort items by group and pad every group to a multiple of `block_size` rows.
+
+    `group_ids [N]` (an expert per (token, k) pair, or an adapter per token; negative means
+    "no group", and the item is dropped). Returns `sorted_ids [P]`, item indices in group
+    order with `N` in the padding, and `block_groups [P // block_size]`, the group of each
+    block of rows or -1 past the end. P is an upper bound known without reading the device,
+    so the grouped GEMM launches without a host sync.
+    """
+    ids = group_ids.reshape(-1).to(torch.int64)
+    num_items = ids.numel()
+    device = ids.device
+    # Dropped items get the extra key `num_groups`, which sorts last and lands in a spare slot.
+    keys = torch.where(ids >= 0, ids, num_groups)
+    counts = torch.bincount(keys, minlength=num_groups + 1)
+    padded = (counts + block_size - 1) // block_size * block_size
+    padded[num_groups] = 0
+    group_ends = torch.cumsum(padded, 0)
+    group_starts = group_ends - padded
+    order = torch.argsort(keys, stable=True)
+    sorted_keys = keys[order]
+    rank_in_group = torch.arange(num_items, device=device) - (torch.cumsum(counts, 0) - counts)[sorted_keys]
+    capacity = -(-(num_items + num_groups * (block_size - 1)) // block_size) * block_size
+    dest = torch.where(sorted_keys < num_groups, group_starts[sorted_keys] + rank_in_group, capacity)
+    sorted_ids = torch.full((capacity + 1,), num_items, dtype=torch.int64, device=device)
+    sorted_ids[dest] = order
+    block_starts = torch.arange(0, capacity, block_size, device=device)
+    block_groups = torch.searchsorted(group_ends[:num_groups].contiguous(), block_starts, right=True)
+    block_groups = torch.where(block_groups < num_groups, block_groups, -1)
+    return sorted_ids[:capacity], block_groups

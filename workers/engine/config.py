@@ -188,6 +188,7 @@ def _rope_theta(cfg: dict[str, Any]) -> float:
 
 
 MiB = 1 << 20
+QUANTIZATIONS = (None, "w4a16")
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -218,6 +219,10 @@ class EngineConfig:
     """torch intra-op threads; None leaves torch's setting alone."""
     seed: int = 0
     """Seed for requests that ask for random sampling without their own seed."""
+    quantization: str | None = None
+    """`w4a16` stores the adaptable linear layers as group-wise int4 (`kernels/quant.py`); None keeps them dense."""
+    quantization_group_size: int = 128
+    """Input features sharing one int4 scale under `w4a16`; a positive multiple of 8."""
 
     def __post_init__(self) -> None:
         if self.block_size <= 0 or self.block_size & (self.block_size - 1):
@@ -237,3 +242,9 @@ class EngineConfig:
             raise ValueError("max_loras must be >= 0 and max_lora_rank > 0")
         if self.dtype != "auto":
             parse_dtype(self.dtype)
+        if self.quantization not in QUANTIZATIONS:
+            raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {self.quantization!r}")
+        if self.quantization_group_size <= 0 or self.quantization_group_size % 8:
+            raise ValueError(
+                f"quantization_group_size must be a positive multiple of 8, got {self.quantization_group_size}"
+            )

@@ -93,7 +93,12 @@ class Engine:
 
     def _init_model(self) -> None:
         dtype = None if self.config.dtype == "auto" else parse_dtype(self.config.dtype)
-        self.model_config, self.model = load_model(self.config.model, dtype=dtype)
+        self.model_config, self.model = load_model(
+            self.config.model,
+            dtype=dtype,
+            quantization=self.config.quantization,
+            quantization_group_size=self.config.quantization_group_size,
+        )
         self.dtype = next(self.model.parameters()).dtype
         self.tokenizer = Tokenizer.from_pretrained(self.config.model)
         self.max_model_len = self.config.max_model_len or self.model_config.max_position_embeddings

@@ -13,6 +13,7 @@ from safetensors import safe_open
 from workers.engine.config import ModelConfig, parse_dtype
 from workers.engine.models import build_model
 from workers.engine.models.llama import LlamaForCausalLM
+from workers.engine.quant import quantize_linear_layers
 
 logger = logging.getLogger(__name__)
 
@@ -53,20 +54,33 @@ def resolve_dtype(config: ModelConfig, dtype: torch.dtype | str | None) -> torch
     return parse_dtype(dtype)
 
 
-def load_model(path: str | Path, dtype: torch.dtype | str | None = None) -> tuple[ModelConfig, LlamaForCausalLM]:
-    """Read the config, build the model in `dtype` (None or `auto`: the checkpoint's) and load its weights."""
+def load_model(
+    path: str | Path,
+    dtype: torch.dtype | str | None = None,
+    *,
+    quantization: str | None = None,
+    quantization_group_size: int = 128,
+) -> tuple[ModelConfig, LlamaForCausalLM]:
+    """Read the config, build the model in `dtype` (None or `auto`: the checkpoint's) and load its weights.
+
+    `quantization="w4a16"` then stores its linear layers as group-wise int4 (`EngineConfig.quantization`).
+    """
+    if quantization not in (None, "w4a16"):
+        raise ValueError(f"quantization must be None or 'w4a16', got {quantization!r}")
     path = Path(path)
     config = ModelConfig.from_pretrained(path)
     torch_dtype = resolve_dtype(config, dtype)
     files = checkpoint_files(path)
     model = build_model(config, torch_dtype)
     model.load_weights(iter_weights(files, torch_dtype))
+    if quantization == "w4a16":
+        quantize_linear_layers(model, group_size=quantization_group_size)
     logger.info(
         "model loaded path=%s arch=%s dtype=%s params=%d shards=%d",
         path,
         config.architecture,
         torch_dtype,
-        sum(p.numel() for p in model.parameters()),
+        sum(p.numel() for p in model.parameters()),  # w4a16 codes are buffers, not counted
         len(files),
     )
     return config, model

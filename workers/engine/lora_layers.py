@@ -35,9 +35,23 @@ class LoRALinear(nn.Module):
         """[num_slots, max_rank, in_features], zero-padded past each adapter's rank."""
         self.lora_b: torch.Tensor | None = None
         """[num_slots, out_features, max_rank], with the adapter's scaling folded in."""
+        # W4A16 codes `[in // 8, out]` int32 and scales `[in // group_size, out]` once `quantize_w4a16`
+        # ran (then `weight` is None); buffers, so they follow the module across devices.
+        self.register_buffer("qweight", None)
+        self.register_buffer("scales", None)
+        self.group_size = 0
+
+    def quantize_w4a16(self, group_size: int) -> None:
+        """Replace the dense weight by group-wise int4 codes and scales (see `kernels/quant.py`)."""
+        packed = ops.quantize_w4(self.weight.data, group_size)
+        self.qweight, self.scales, self.group_size = packed.qweight, packed.scales, group_size
+        self.weight = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight, self.bias)
+        if self.qweight is not None:
+            y = ops.w4a16_matmul(x, self.qweight, self.scales, self.group_size, self.bias)
+        else:
+            y = F.linear(x, self.weight, self.bias)
         if self.lora_a is not None and self.ctx.token_slots is not None:
             ops.add_lora(y, x, self.lora_a, self.lora_b, self.ctx.token_slots)
         return y
