@@ -24,7 +24,8 @@ from control_plane.config import DEFAULT_STATE_DIR, ControlPlaneConfig
 from router.client import RaylaneError
 
 console = Console(stderr=True)
-out = Console()
+# Piped output (logs, CI) would otherwise wrap tables at 80 columns.
+out = Console(width=None if sys.stdout.isatty() else 160)
 
 StateDir = Annotated[
     Path,

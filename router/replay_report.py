@@ -21,8 +21,10 @@ def write_report_png(records: Sequence[RequestRecord], path: str | Path, *, titl
         for metric, style in (("ttft_ms", "-"), ("e2e_ms", "--")):
             values = sorted(v for r in records if r.target == target and (v := getattr(r, metric)) is not None)
             if values:
-                fractions = [(i + 1) / len(values) for i in range(len(values))]
-                ax_cdf.step(values, fractions, style, where="post", label=f"{target} {metric[:-3].upper()}")
+                # Start at 0 so a target with one request still draws a visible step.
+                fractions = [0.0] + [(i + 1) / len(values) for i in range(len(values))]
+                label = f"{target} {metric[:-3].upper()}"
+                ax_cdf.step([values[0], *values], fractions, style, where="post", label=label)
     ax_cdf.set_xscale("log")
     ax_cdf.set_xlabel("latency (ms, log scale)")
     ax_cdf.set_ylabel("fraction of requests")
@@ -33,14 +35,16 @@ def write_report_png(records: Sequence[RequestRecord], path: str | Path, *, titl
     times = [t for r in records for t in r.token_times_s]
     if times:
         num_bins = max(1, int(max(times)) + 1)
+        totals = [0] * num_bins
         for target in targets:
             counts = [0] * num_bins
             for r in records:
                 if r.target == target:
                     for t in r.token_times_s:
                         counts[int(t)] += 1
+                        totals[int(t)] += 1
             ax_tput.plot(range(num_bins), counts, label=target)
-        ax_tput.plot(range(num_bins), [sum(int(t) == b for t in times) for b in range(num_bins)], "k", label="all")
+        ax_tput.plot(range(num_bins), totals, "k", label="all")
     ax_tput.set_xlabel("time since start (s)")
     ax_tput.set_ylabel("output tokens/s")
     ax_tput.set_title("throughput over time")
