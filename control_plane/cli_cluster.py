@@ -165,6 +165,10 @@ def deploy(
         spec = DeploymentSpec.from_yaml(file.read_text())
     except (SpecError, OSError) as exc:
         raise _fail(exc) from None
+    model = Path(spec.model).expanduser()
+    if not model.is_absolute():
+        # Workers do not run in this directory; pin the path the user meant.
+        spec = dataclasses.replace(spec, model=str(model.absolute()))
     with _admin(state_dir) as admin:
         try:
             version = admin.apply_deployment(spec)
@@ -385,7 +389,7 @@ def demo(
         "demo_report.png"
     ),
     duration: Annotated[float, typer.Option(help="Seconds of the Azure trace to replay.")] = 60.0,
-    rate_scale: Annotated[float, typer.Option(help="Multiplier on the trace's arrival rate.")] = 0.5,
+    rate_scale: Annotated[float, typer.Option(help="Multiplier on the trace's arrival rate.")] = 2.0,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log every decision.")] = False,
 ) -> None:
     """Bring up a local two-tenant cluster (P/D + mixed, LoRA), replay a real trace through it, report, tear down."""

@@ -36,9 +36,12 @@ class ControlPlaneConfig:
     """Pause between reconcile passes."""
 
     def __post_init__(self) -> None:
+        # Absolute now, in the caller's directory: the actor that uses it runs elsewhere.
+        object.__setattr__(self, "state_dir", str(Path(self.state_dir).expanduser().absolute()))
         for name in ("admin_port", "router_port"):
             port = getattr(self, name)
-            if not isinstance(port, int) or not 0 <= port < 65536:
+            # bool is an int subclass, but `admin_port: true` in YAML is a typo, not port 1.
+            if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port < 65536:
                 raise ValueError(f"{name} must be an integer in [0, 65535], got {port!r}")
         if not isinstance(self.num_routers, int) or self.num_routers < 1:
             raise ValueError(f"num_routers must be an integer >= 1, got {self.num_routers!r}")

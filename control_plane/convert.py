@@ -29,7 +29,8 @@ def deployment_from_proto(message: control_pb2.DeploymentSpec) -> DeploymentSpec
                 "max_lora_rank",
             )
         }
-        data["engine"]["enable_prefix_caching"] = message.engine.enable_prefix_caching
+        if message.engine.HasField("enable_prefix_caching"):
+            data["engine"]["enable_prefix_caching"] = message.engine.enable_prefix_caching
     if message.HasField("slo"):
         data["slo"] = {"ttft_ms_p99": message.slo.ttft_ms_p99 or None, "tpot_ms_p99": message.slo.tpot_ms_p99 or None}
     return DeploymentSpec.from_dict(data, "spec")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Mapping
@@ -32,6 +33,9 @@ from workers.engine.sampling_params import SamplingParams
 from workers.messages import GenerateCall, TokenChunk
 
 logger = logging.getLogger(__name__)
+
+FORCED_REFRESH_INTERVAL_S = 0.1
+"""At most one on-demand routing-table refresh per this interval (see `RouterCore._admit_fresh`)."""
 
 MAX_PROMPT_CHARS = 1 << 20
 """Refuse absurd prompts before they cost a tokenizer pass (1 MiB of text)."""
@@ -68,6 +72,8 @@ class Directory(Protocol):
 
     def clients(self) -> Mapping[str, WorkerClient]: ...
 
+    # Optional: `async def refresh_table(self) -> None` pulls the table now (see `RouterCore._admit_fresh`).
+
 
 class RouterCore:
     """One router replica's request path. Not thread-safe: everything runs on one event loop."""
@@ -77,6 +83,7 @@ class RouterCore:
         self.policy = policy or LeastLoadedPolicy()
         self.quotas = quotas or QuotaTracker()
         self._inflight: Counter[str] = Counter()
+        self._last_forced_refresh = 0.0
 
     def authenticate(self, api_key: str | None) -> str:
         """The tenant behind `api_key`, or `Unauthenticated`."""
@@ -140,8 +147,7 @@ class RouterCore:
 
     async def generate(self, api_key: str | None, inp: GenerateInput) -> AsyncIterator[TokenChunk]:
         """The whole request path; closing the iterator early (cancel, deadline) aborts on the worker."""
-        tenant = self.authenticate(api_key)
-        call, route = self.prepare(tenant, inp)
+        tenant, call, route = await self._admit_fresh(api_key, inp)
         limits = self.directory.table().tenants.get(tenant)
         if limits is None:
             raise Unauthenticated(f"tenant {tenant!r} no longer exists")
@@ -163,6 +169,26 @@ class RouterCore:
                 self._inflight.subtract(placed)
         finally:
             self.quotas.release(reservation, limits, used_tokens)
+
+    async def _admit_fresh(self, api_key: str | None, inp: GenerateInput) -> tuple[str, GenerateCall, RouteRequest]:
+        """Authenticate and validate; on an unknown key, deployment or adapter, refresh the table once and retry.
+
+        A key issued (or a deployment applied) a moment ago works on its first request instead of
+        after the next periodic refresh. Forced refreshes are rate-limited, so a flood of bad keys
+        cannot flood the control plane.
+        """
+        try:
+            tenant = self.authenticate(api_key)
+            return (tenant, *self.prepare(tenant, inp))
+        except (Unauthenticated, InvalidArgument):
+            refresh = getattr(self.directory, "refresh_table", None)
+            now = time.monotonic()
+            if not api_key or refresh is None or now - self._last_forced_refresh < FORCED_REFRESH_INTERVAL_S:
+                raise
+            self._last_forced_refresh = now
+        await refresh()
+        tenant = self.authenticate(api_key)
+        return (tenant, *self.prepare(tenant, inp))
 
     def _place(self, route: RouteRequest):
         view = self.directory.view()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import AsyncIterator, Mapping
+from contextlib import aclosing
 from typing import Any, Protocol
 
 from router.errors import Unavailable
@@ -65,10 +66,12 @@ async def run_placed(
 ) -> AsyncIterator[TokenChunk]:
     """Stream `call`'s tokens from the workers `decision` chose, sequence-checked."""
     guard = SequenceGuard(call.request_id)
-    async for chunk in _stream(decision, call, clients):
-        admitted = guard.admit(chunk)
-        if admitted is not None:
-            yield admitted
+    # aclosing: leaving early closes the worker streams now, not when they are garbage-collected.
+    async with aclosing(_stream(decision, call, clients)) as chunks:
+        async for chunk in chunks:
+            admitted = guard.admit(chunk)
+            if admitted is not None:
+                yield admitted
 
 
 async def _stream(
@@ -76,8 +79,9 @@ async def _stream(
 ) -> AsyncIterator[TokenChunk]:
     worker = _client(clients, decision.worker_id)
     if decision.prefill_worker_id is None:
-        async for chunk in worker.generate(call):
-            yield chunk
+        async with aclosing(worker.generate(call)) as chunks:
+            async for chunk in chunks:
+                yield chunk
         return
     prefill = _client(clients, decision.prefill_worker_id)
     start = time.perf_counter()
@@ -88,19 +92,20 @@ async def _stream(
         return
     handoff_start = time.perf_counter()
     first_decode = True
-    async for chunk in worker.decode(kv, call):
-        if first_decode:
-            first_decode = False
-            logger.info(
-                "pd handoff request_id=%s prefill=%s decode=%s kv_bytes=%d prefill_ms=%.1f handoff_ms=%.1f",
-                call.request_id,
-                prefill.worker_id,
-                worker.worker_id,
-                result.kv_bytes,
-                prefill_ms,
-                (time.perf_counter() - handoff_start) * 1e3,
-            )
-        yield chunk
+    async with aclosing(worker.decode(kv, call)) as chunks:
+        async for chunk in chunks:
+            if first_decode:
+                first_decode = False
+                logger.info(
+                    "pd handoff request_id=%s prefill=%s decode=%s kv_bytes=%d prefill_ms=%.1f handoff_ms=%.1f",
+                    call.request_id,
+                    prefill.worker_id,
+                    worker.worker_id,
+                    result.kv_bytes,
+                    prefill_ms,
+                    (time.perf_counter() - handoff_start) * 1e3,
+                )
+            yield chunk
 
 
 def _client(clients: Mapping[str, WorkerClient], worker_id: str) -> WorkerClient:

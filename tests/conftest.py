@@ -56,6 +56,7 @@ def ray_cluster():
     """
     import ray  # imported here so tests that never touch Ray do not pay for it
 
-    ray.init(num_cpus=8, include_dashboard=False, namespace="raylane", log_to_driver=False)
+    # address="local" starts a fresh cluster even if `raylane up` left one running here.
+    ray.init(address="local", num_cpus=8, include_dashboard=False, namespace="raylane", log_to_driver=False)
     yield ray
     ray.shutdown()

@@ -8,6 +8,7 @@ import logging
 import queue
 import threading
 from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import aclosing
 from typing import Any, TypeVar
 
 from workers.engine.engine import Engine
@@ -78,16 +79,18 @@ class AsyncEngine:
         def add(engine: Engine) -> None:
             engine.add_request(request_id, prompt, params, lora_name=lora_name, priority=priority)
 
-        async for output in self._stream(request_id, add):
-            yield output
+        async with aclosing(self._stream(request_id, add)) as outputs:
+            async for output in outputs:
+                yield output
 
     async def resume(self, export: KVExport) -> AsyncIterator[RequestOutput]:
         """Import a request exported by another engine and stream the tokens it generates from here on.
 
         The first output carries the first token this engine samples, not the ones in `export`.
         """
-        async for output in self._stream(export.request_id, lambda engine: engine.import_kv(export)):
-            yield output
+        async with aclosing(self._stream(export.request_id, lambda engine: engine.import_kv(export))) as outputs:
+            async for output in outputs:
+                yield output
 
     async def prefill(
         self,
@@ -163,11 +166,11 @@ class AsyncEngine:
         target = self._streams.pop(request_id, None)
         if target is not None:
             loop, stream = target
-            loop.call_soon_threadsafe(stream.put_nowait, final)
+            _notify(loop, stream.put_nowait, final)
         handoff = self._handoffs.pop(request_id, None)
         if handoff is not None:
             loop, future = handoff
-            loop.call_soon_threadsafe(_settle, future, (final, None))
+            _notify(loop, _settle, future, (final, None))
         return aborted
 
     def _loop(self) -> None:
@@ -184,11 +187,11 @@ class AsyncEngine:
             logger.exception("engine loop died")
             self._error = exc
             for loop, stream in self._streams.values():
-                loop.call_soon_threadsafe(stream.put_nowait, exc)
+                _notify(loop, stream.put_nowait, exc)
             self._streams.clear()
             dead = EngineDeadError(f"the engine loop died: {exc!r}")
             for loop, future in self._handoffs.values():
-                loop.call_soon_threadsafe(_settle, future, dead)
+                _notify(loop, _settle, future, dead)
             self._handoffs.clear()
 
     def _drain_commands(self) -> None:
@@ -210,7 +213,8 @@ class AsyncEngine:
         if output.finished:
             del self._streams[output.request_id]
         loop, stream = target
-        loop.call_soon_threadsafe(stream.put_nowait, output)
+        if not _notify(loop, stream.put_nowait, output):
+            self._drop(output.request_id)
 
     def _hand_off(self, output: RequestOutput) -> None:
         # Runs on the loop thread between steps: the KV is copied before the next step could touch it.
@@ -223,13 +227,28 @@ class AsyncEngine:
         except Exception as exc:  # a failed export fails this request, never the loop
             result = exc
         self.engine.release(output.request_id)
-        loop.call_soon_threadsafe(_settle, future, result)
+        _notify(loop, _settle, future, result)
+
+    def _drop(self, request_id: str) -> None:
+        # Its consumer's event loop is gone, so nobody will read the tokens: free the blocks.
+        self._streams.pop(request_id, None)
+        if self.engine.abort(request_id):
+            logger.warning("request dropped: its consumer's event loop closed request_id=%s", request_id)
 
     def __enter__(self) -> AsyncEngine:
         return self
 
     def __exit__(self, *exc: Any) -> None:
         self.shutdown()
+
+
+def _notify(loop: asyncio.AbstractEventLoop, fn: Callable[..., Any], *args: Any) -> bool:
+    """Schedule `fn(*args)` on a consumer's loop; False when that loop has closed (the consumer is gone)."""
+    try:
+        loop.call_soon_threadsafe(fn, *args)
+    except RuntimeError:
+        return False
+    return True
 
 
 def _settle(future: asyncio.Future, result: Any) -> None:

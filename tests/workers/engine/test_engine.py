@@ -169,6 +169,30 @@ def test_async_engine_streams_and_cancels(tiny_llama):
     asyncio.run(main())
 
 
+def test_async_engine_survives_a_consumer_whose_event_loop_closed(tiny_llama):
+    """A caller that exits its event loop mid-stream must cost only its own request, never the engine."""
+    aengine = AsyncEngine(Engine.from_pretrained(str(tiny_llama), dtype="float32"))
+    try:
+
+        async def read_one_token_and_leave():
+            stream = aengine.generate("gone", [3, 4, 5, 6], SamplingParams(max_tokens=400, ignore_eos=True))
+            await stream.__anext__()
+
+        for _ in range(3):  # the engine may publish to the closed loop before or after the abort lands
+            asyncio.run(read_one_token_and_leave())
+            aengine.call(lambda e: e.abort("gone")).result(timeout=10)
+
+        async def full():
+            return [out async for out in aengine.generate("next", [3, 4, 5], SamplingParams(max_tokens=4))]
+
+        outputs = asyncio.run(full())
+        assert outputs[-1].finished and len(outputs[-1].output_token_ids) == 4
+        stats = aengine.call(lambda e: e.stats()).result(timeout=10)
+        assert stats.num_running == 0 and stats.num_kv_blocks_used == 0
+    finally:
+        aengine.shutdown()
+
+
 def test_moe_stats_count_tokens_per_expert(tiny_models):
     engine = Engine.from_pretrained(str(tiny_models["mixtral"]), dtype="float32")
     engine.generate([list(range(3, 20))], SamplingParams(max_tokens=5, ignore_eos=True))
