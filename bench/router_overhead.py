@@ -1,0 +1,279 @@
+"""Router overhead: the latency the gRPC router adds to a 1-token request, against calling the worker directly.
+
+One run, one machine: an in-process Ray cluster with the real control plane, its router and one
+`mixed` worker on a tiny Llama. Each of N sequential requests (max_tokens=1, the same short
+token-id prompt, so the worker's prefix cache makes both paths do the same engine work) is sent
+
+  (a) through the router: `router.client.Client.complete` over gRPC (auth, quota, placement,
+      then the router's Ray streaming call to the worker), and
+  (b) straight to the worker actor: its streaming `generate` with a `GenerateCall`, consumed
+      from this process (the baseline),
+
+interleaved (a, b, b, a, ...) so both see the same background noise. `router_added_ms` is the
+difference of the two paths' medians (and p99s); the target is a p50 of at most 5 ms.
+
+    python bench/router_overhead.py                      # 200 requests per path
+    python bench/router_overhead.py --num-requests 1000 --warmup 50
+
+stdout is exactly one JSON object; progress goes to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # run as a script
+    sys.path.insert(0, str(REPO))
+
+TARGET_P50_MS = 5.0
+DEPLOYMENT = "bench"
+TENANT = "bench"
+
+
+def log(msg: str) -> None:
+    print(f"[router_overhead] {msg}", file=sys.stderr, flush=True)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--num-requests", type=int, default=200, help="measured requests per path (default 200)")
+    parser.add_argument("--warmup", type=int, default=20, help="unmeasured requests per path first (default 20)")
+    parser.add_argument(
+        "--prompt-len", type=int, default=20, help="prompt tokens; >= 16 fills one cacheable KV block (default 20)"
+    )
+    parser.add_argument("--num-cpus", type=int, default=8, help="logical CPUs of the in-process Ray (default 8)")
+    parser.add_argument(
+        "--ready-timeout-s", type=float, default=180.0, help="how long to wait for the worker and router (default 180)"
+    )
+    args = parser.parse_args(argv)
+    if args.num_requests < 1 or args.warmup < 0 or not 1 <= args.prompt_len <= 256 or args.num_cpus < 2:
+        parser.error("need --num-requests >= 1, --warmup >= 0, 1 <= --prompt-len <= 256 and --num-cpus >= 2")
+    return args
+
+
+def latency_stats(samples_ms: list[float]) -> dict[str, float]:
+    from router.replay import percentile
+
+    return {
+        "p50": round(percentile(samples_ms, 50), 3),
+        "p99": round(percentile(samples_ms, 99), 3),
+        "mean": round(statistics.fmean(samples_ms), 3),
+        "min": round(min(samples_ms), 3),
+    }
+
+
+def machine_info() -> dict[str, Any]:
+    import ray
+    import torch
+
+    cpu_model = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu_model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    except OSError:
+        pass
+    return {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpu_model": cpu_model,
+        "num_cores": os.cpu_count(),
+        "ray": ray.__version__,
+        "torch": torch.__version__,
+    }
+
+
+class Paths:
+    """The two ways of sending the same 1-token request."""
+
+    def __init__(self, router_address: str, api_key: str, worker: Any, prompt: list[int]) -> None:
+        from router.client import Client
+        from workers.engine.sampling_params import SamplingParams
+
+        self.client = Client(router_address, api_key, timeout_s=60)
+        self.worker = worker
+        self.prompt = prompt
+        # What the router builds from `max_tokens=1` and the client's other defaults.
+        self.sampling = SamplingParams(max_tokens=1)
+        self._num_direct = 0
+        self.cached_tokens = {"via_router": -1, "direct": -1}
+        """Prompt tokens the worker's prefix cache served on each path's last request."""
+
+    def via_router(self) -> float:
+        start = time.perf_counter()
+        completion = self.client.complete(DEPLOYMENT, self.prompt, max_tokens=1)
+        elapsed_ms = (time.perf_counter() - start) * 1e3
+        if len(completion.token_ids) != 1:
+            raise RuntimeError(f"router returned {len(completion.token_ids)} tokens, expected 1")
+        self.cached_tokens["via_router"] = completion.usage.cached_prompt_tokens
+        return elapsed_ms
+
+    def direct(self) -> float:
+        import ray
+
+        from workers.messages import GenerateCall
+
+        self._num_direct += 1
+        call = GenerateCall(
+            request_id=f"direct-{self._num_direct}", prompt_token_ids=tuple(self.prompt), sampling=self.sampling
+        )
+        start = time.perf_counter()
+        chunks = [ray.get(ref) for ref in self.worker.generate.remote(call)]
+        elapsed_ms = (time.perf_counter() - start) * 1e3
+        if sum(len(c.token_ids) for c in chunks) != 1 or not chunks[-1].finished:
+            raise RuntimeError("the worker did not return exactly one finished token")
+        self.cached_tokens["direct"] = chunks[-1].num_cached_tokens
+        return elapsed_ms
+
+    def close(self) -> None:
+        self.client.close()
+
+
+def wait_until_serving(admin: Any, paths_factory, timeout_s: float) -> Paths:
+    """Wait for a healthy worker, then until the router (which refreshes its table in the background) serves."""
+    from router.client import RaylaneError
+
+    deadline = time.monotonic() + timeout_s
+    while admin.status().num_healthy_workers < 1:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"no healthy worker after {timeout_s:.0f}s; see `ray logs`")
+        time.sleep(0.2)
+    paths = paths_factory()
+    while True:
+        try:
+            paths.via_router()
+            return paths
+        except RaylaneError as exc:
+            if time.monotonic() > deadline:
+                paths.close()
+                raise TimeoutError(f"the router did not serve within {timeout_s:.0f}s: {exc}") from None
+            time.sleep(0.2)
+
+
+def measure(paths: Paths, num_requests: int, warmup: int) -> tuple[list[float], list[float]]:
+    for _ in range(warmup):
+        paths.via_router()
+        paths.direct()
+    router_ms: list[float] = []
+    direct_ms: list[float] = []
+    for i in range(num_requests):
+        # ABBA order: neither path always runs right after the other.
+        if i % 2 == 0:
+            router_ms.append(paths.via_router())
+            direct_ms.append(paths.direct())
+        else:
+            direct_ms.append(paths.direct())
+            router_ms.append(paths.via_router())
+        if (i + 1) % 50 == 0:
+            log(f"{i + 1}/{num_requests} requests per path")
+    return router_ms, direct_ms
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    import ray
+
+    from control_plane.admin_client import AdminClient
+    from control_plane.cluster import start_control_plane, stop_control_plane
+    from control_plane.config import ControlPlaneConfig
+    from control_plane.pools import actor_name
+    from control_plane.spec import DeploymentSpec, EngineOptions, PoolSpec, Quota, TenantSpec
+    from router.server import NAMESPACE
+    from workers.engine.tiny import make_tiny_model
+
+    with tempfile.TemporaryDirectory(prefix="raylane-router-overhead-") as tmp:
+        work = Path(tmp)
+        log("making a tiny Llama")
+        model = work / "tiny-llama"
+        make_tiny_model("llama", model, seed=0, dtype="float32")
+        prompt = [3 + (7 * i) % 500 for i in range(args.prompt_len)]
+        # address="local": always a fresh cluster, never one another process on this machine started.
+        ray.init(
+            address="local",
+            num_cpus=args.num_cpus,
+            include_dashboard=False,
+            namespace=NAMESPACE,
+            log_to_driver=False,
+        )
+        try:
+            log("starting the control plane and its router")
+            config = ControlPlaneConfig(state_dir=str(work / "state"), admin_port=0, router_port=0)
+            control_plane, info = start_control_plane(config, detached=False)  # alive while we hold the handle
+            with AdminClient(info.admin_address) as admin:
+                admin.create_tenant(
+                    TenantSpec(name=TENANT, quota=Quota(max_concurrent=64, tokens_per_minute=100_000_000))
+                )
+                _, api_key = admin.issue_key(TENANT)
+                engine = EngineOptions(kv_cache_bytes=16 << 20, enable_prefix_caching=True)
+                admin.apply_deployment(
+                    DeploymentSpec(
+                        name=DEPLOYMENT, model=str(model), pools=(PoolSpec(role="mixed", replicas=1),), engine=engine
+                    )
+                )
+                log("waiting for the worker and the router")
+                worker_ids = []
+
+                def make_paths() -> Paths:
+                    pools = admin.list_pools(DEPLOYMENT)
+                    worker_ids.extend(w.worker_id for p in pools for w in p.workers)
+                    worker = ray.get_actor(actor_name(worker_ids[0]), namespace=NAMESPACE)
+                    return Paths(info.router_addresses[0], api_key, worker, prompt)
+
+                paths = wait_until_serving(admin, make_paths, args.ready_timeout_s)
+                try:
+                    log(f"measuring {args.num_requests} requests per path after {args.warmup} warm-up each")
+                    router_ms, direct_ms = measure(paths, args.num_requests, args.warmup)
+                    cached_tokens = dict(paths.cached_tokens)
+                finally:
+                    paths.close()
+            log("shutting down")
+            stop_control_plane()
+            del control_plane
+        finally:
+            ray.shutdown()
+    return summarize(args, router_ms, direct_ms, worker_ids[0], cached_tokens)
+
+
+def summarize(
+    args: argparse.Namespace, router_ms: list[float], direct_ms: list[float], worker_id: str, cached: dict[str, int]
+) -> dict:
+    via_router, direct = latency_stats(router_ms), latency_stats(direct_ms)
+    added_p50 = round(via_router["p50"] - direct["p50"], 3)
+    return {
+        "benchmark": "router_overhead",
+        "description": "latency of a 1-token request through the gRPC router vs directly on the worker actor",
+        "num_requests_per_path": args.num_requests,
+        "num_warmup_per_path": args.warmup,
+        "prompt_tokens": args.prompt_len,
+        "max_tokens": 1,
+        "worker_id": worker_id,
+        "cached_prompt_tokens_last_request": cached,
+        "via_router_ms": via_router,
+        "direct_worker_ms": direct,
+        "router_added_ms": {"p50": added_p50, "p99": round(via_router["p99"] - direct["p99"], 3)},
+        "ratio_router_over_direct": {
+            "p50": round(via_router["p50"] / direct["p50"], 3),
+            "p99": round(via_router["p99"] / direct["p99"], 3),
+        },
+        "target": {"router_added_p50_ms_max": TARGET_P50_MS, "met": added_p50 <= TARGET_P50_MS},
+        "machine": machine_info(),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    result = run(args)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
