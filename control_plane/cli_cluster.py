@@ -101,14 +101,17 @@ def down(state_dir: StateDir = Path(DEFAULT_STATE_DIR)) -> None:
     """Stop the control plane, its routers and workers (desired state stays in Redis), and a Ray head `up` started."""
     import ray
 
-    from control_plane.cluster import connect_ray, stop_control_plane, stop_ray_head
+    from control_plane.cluster import NAMESPACE, stop_control_plane, stop_ray_head
 
     cluster = _cluster(state_dir)
+    was_connected = ray.is_initialized()
     with console.status("stopping the cluster"):
         try:
-            connect_ray(cluster.ray_address if cluster.ray_address != "auto" else "local")
+            if not was_connected:  # never start a head just to stop it: join the recorded one or fail
+                ray.init(address=cluster.ray_address, namespace=NAMESPACE, log_to_driver=False)
             stopped = stop_control_plane()
-            ray.shutdown()
+            if not was_connected:
+                ray.shutdown()
         except (ConnectionError, RuntimeError) as exc:
             console.print(f"[yellow]Ray was not reachable ({exc}); cleaning up the cluster file[/yellow]")
             stopped = False

@@ -1,0 +1,70 @@
+"""The CLI's cluster commands end to end: up → deploy → status → generate → tenant → down.
+
+`up --address` joins the test session's Ray cluster (so the test never starts or stops a Ray
+head of its own); every other command talks gRPC through the cluster file, as a user's would.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from typer.testing import CliRunner
+
+from control_plane.cli import app
+
+pytestmark = pytest.mark.slow
+
+
+def _invoke(runner: CliRunner, *args: str):
+    result = runner.invoke(app, list(args))
+    return result.exit_code, result.output
+
+
+def test_cli_runs_a_cluster(ray_cluster, tiny_llama, tmp_path):
+    runner = CliRunner()
+    state = str(tmp_path / "state")
+    config = tmp_path / "cluster.yaml"
+    config.write_text("admin_port: 0\nrouter_port: 0\nreconcile_interval_s: 0.5\n")
+    address = ray_cluster.get_runtime_context().gcs_address
+
+    code, output = _invoke(runner, "up", "--address", address, "--config", str(config), "--state-dir", state)
+    assert code == 0, output
+    assert "cluster up" in output
+    try:
+        deployment = tmp_path / "cli.yaml"
+        deployment.write_text(f"name: cli\nmodel: {tiny_llama}\npools:\n  - role: mixed\n    replicas: 1\n")
+        code, output = _invoke(runner, "deploy", str(deployment), "--state-dir", state)
+        assert code == 0 and "applied cli v1" in output, output
+
+        deadline = time.monotonic() + 90
+        while True:
+            code, output = _invoke(runner, "status", "--state-dir", state)
+            assert code == 0, output
+            if "1/1 healthy" in output:
+                break
+            assert time.monotonic() < deadline, output
+            time.sleep(0.5)
+        assert "cli-mixed-0" in output
+
+        generate = ("generate", "hello", "--deployment", "cli", "--max-tokens", "5")
+        code, output = _invoke(runner, *generate, "--state-dir", state)
+        assert code == 0 and "5 tokens" in output, output
+
+        code, output = _invoke(runner, "tenant", "create", "acme", "--max-concurrent", "2", "--state-dir", state)
+        assert code == 0 and output.strip().splitlines()[-1].startswith("rl-"), output
+        code, output = _invoke(runner, "tenant", "list", "--state-dir", state)
+        assert "acme  max_concurrent=2" in output and "default" in output
+
+        broken = tmp_path / "broken.yaml"
+        broken.write_text(f"name: cli\nmodel: {tiny_llama}\npools:\n  - role: decoder\n")
+        code, output = _invoke(runner, "deploy", str(broken), "--state-dir", state)
+        assert code == 2 and "pools[0].role" in output and "Traceback" not in output
+
+        code, output = _invoke(runner, "generate", "hi", "--deployment", "nope", "--state-dir", state)
+        assert code == 2 and "unknown deployment" in output and "Traceback" not in output
+    finally:
+        code, output = _invoke(runner, "down", "--state-dir", state)
+    assert code == 0 and "cluster down" in output, output
+    code, output = _invoke(runner, "status", "--state-dir", state)
+    assert code == 1 and "no cluster is running" in output
