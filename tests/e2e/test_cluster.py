@@ -117,6 +117,7 @@ def test_prefill_decode_equals_mixed_greedy(alice, adapter):
         pd = alice.complete("pd", prompt, max_tokens=20, adapter=adapter, ignore_eos=True)
         mixed = alice.complete("mixed", prompt, max_tokens=20, adapter=adapter, ignore_eos=True)
         assert pd.token_ids == mixed.token_ids and len(pd.token_ids) == 20
+        assert pd.text == mixed.text
 
 
 def test_prefill_decode_equals_mixed_seeded_sampling(alice):

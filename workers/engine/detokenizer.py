@@ -7,6 +7,7 @@ over several tokens, and text that may be the start of a stop string is held bac
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
 _REPLACEMENT = "\ufffd"
@@ -16,6 +17,21 @@ _WINDOW = 6
 
 class Decoder(Protocol):
     def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str: ...
+
+
+@dataclass(kw_only=True, frozen=True)
+class DetokenizerState:
+    """Everything an `IncrementalDetokenizer` knows, so a request moved to another engine keeps its text exact."""
+
+    tokens: tuple[int, ...]
+    """The trailing window of token ids still needed to decode the next ones."""
+    prefix_offset: int
+    read_offset: int
+    text: str
+    """Generated text decoded so far, including a tail held back as a possible stop-string prefix."""
+    output_text: str
+    """Text already emitted to the caller."""
+    stopped: bool
 
 
 class IncrementalDetokenizer:
@@ -39,6 +55,34 @@ class IncrementalDetokenizer:
         self.output_text = ""
         """Text emitted so far."""
         self.stopped = False
+
+    def snapshot(self) -> DetokenizerState:
+        return DetokenizerState(
+            tokens=tuple(self._tokens),
+            prefix_offset=self._prefix_offset,
+            read_offset=self._read_offset,
+            text=self._text,
+            output_text=self.output_text,
+            stopped=self.stopped,
+        )
+
+    @classmethod
+    def restore(
+        cls,
+        tokenizer: Decoder,
+        state: DetokenizerState,
+        stop: Sequence[str] = (),
+        skip_special_tokens: bool = True,
+    ) -> IncrementalDetokenizer:
+        """A detokenizer that continues exactly where the one that took `state` stopped."""
+        detok = cls(tokenizer, (), stop, skip_special_tokens)
+        detok._tokens = list(state.tokens)
+        detok._prefix_offset = state.prefix_offset
+        detok._read_offset = state.read_offset
+        detok._text = state.text
+        detok.output_text = state.output_text
+        detok.stopped = state.stopped
+        return detok
 
     def update(self, new_token_ids: Sequence[int]) -> tuple[str, str | None]:
         """Add tokens; return (newly final text, the stop string matched or None)."""

@@ -299,6 +299,7 @@ class Engine:
             from_block=from_block,
             kv=gather_blocks(self.runner.kv_cache, block_ids[from_block:num_blocks]),
             generator_state=None if extras.generator is None else extras.generator.get_state(),
+            detokenizer_state=None if extras.detokenizer is None else extras.detokenizer.snapshot(),
         )
 
     def import_kv(self, export: KVExport) -> None:
@@ -331,6 +332,10 @@ class Engine:
         extras = self._make_extras(request, num_emitted_output_tokens=len(export.output_token_ids))
         if export.generator_state is not None and extras.generator is not None:
             extras.generator.set_state(export.generator_state)
+        if export.detokenizer_state is not None and extras.detokenizer is not None:
+            extras.detokenizer = IncrementalDetokenizer.restore(
+                self.tokenizer, export.detokenizer_state, export.sampling_params.stop
+            )
         self._extras[export.request_id] = extras
         logger.info(
             "kv imported request_id=%s blocks=%d tokens=%d bytes=%d",

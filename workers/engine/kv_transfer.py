@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from workers.engine.detokenizer import DetokenizerState
 from workers.engine.sampling_params import SamplingParams
 
 BLOCK_DIM = 3
@@ -33,6 +34,8 @@ class KVExport:
     kv: torch.Tensor
     generator_state: torch.Tensor | None = None
     """RNG state of a sampled (non-greedy) request, so a seeded request stays reproducible."""
+    detokenizer_state: DetokenizerState | None = None
+    """Text state, so text held back for a possible stop string is neither lost nor repeated."""
 
     @property
     def num_blocks(self) -> int:

@@ -88,3 +88,35 @@ def test_import_frees_blocks_when_done(tiny_llama):
     assert dest.stats().num_kv_blocks_free < free_before
     _run_to_end(dest, "x")
     assert dest.stats().num_kv_blocks_free == free_before
+
+
+def _text_of(engine: Engine, request_id: str) -> str:
+    texts = []
+    while True:
+        for out in engine.step():
+            if out.request_id == request_id:
+                texts.append(out.text_delta)
+                if out.finished:
+                    return "".join(texts)
+
+
+@pytest.mark.parametrize("decode_steps", [0, 3, 8])
+def test_text_held_back_for_a_stop_string_survives_the_move(tiny_llama, decode_steps):
+    prompt = list(range(60, 90))
+    plain = SamplingParams(max_tokens=16, ignore_eos=True)
+    full_text = _engine(tiny_llama).generate([prompt], plain)[0].text_delta
+    # A stop string that starts with every character and never matches: each step holds its tail back.
+    stop = tuple(sorted({ch + "\x00never" for ch in full_text}))
+    params = SamplingParams(max_tokens=16, ignore_eos=True, stop=stop)
+
+    source, dest = _engine(tiny_llama), _engine(tiny_llama)
+    source.add_request("t", prompt, params)
+    emitted = []
+    while True:
+        outs = [o for o in source.step() if o.request_id == "t"]
+        emitted += [o.text_delta for o in outs]
+        if outs and len(outs[-1].output_token_ids) >= 1 + decode_steps:
+            break
+    dest.import_kv(source.export_kv("t"))
+    source.abort("t")
+    assert "".join(emitted) + _text_of(dest, "t") == full_text
