@@ -57,33 +57,50 @@ def _fail(exc: Exception) -> typer.Exit:
 
 
 def up(
-    address: Annotated[str, typer.Option(help="`local` starts (or reuses) a Ray head here; or ray://host:10001.")] = (
-        "local"
-    ),
+    address: Annotated[
+        str, typer.Option(help="`local` starts (or reuses) a Ray head here; `auto` joins this node's; or host:port.")
+    ] = "local",
     config: Annotated[Path | None, typer.Option(help="Cluster YAML (ControlPlaneConfig fields).")] = None,
     state_dir: StateDir = Path(DEFAULT_STATE_DIR),
     redis_url: Annotated[str | None, typer.Option(help="External Redis; default: embedded, in --state-dir.")] = None,
     num_cpus: Annotated[int | None, typer.Option(help="Logical CPUs of a local Ray head (default max(8, cores)).")] = (
         None
     ),
+    wait_for_ray: Annotated[float, typer.Option(help="Seconds to retry a Ray head that is still starting.")] = 0,
+    deployments_dir: Annotated[Path | None, typer.Option(help="Apply every *.yaml deployment in this folder.")] = None,
+    bootstrap_tenant: Annotated[str, typer.Option(help="Tenant made sure to exist (and given the key below).")] = (
+        "default"
+    ),
+    bootstrap_key_file: Annotated[
+        Path | None, typer.Option(help="File holding an API key the bootstrap tenant must accept (a mounted Secret).")
+    ] = None,
+    routers: Annotated[
+        bool, typer.Option("--routers/--no-routers", help="Start routers as Ray actors (off: `raylane router serve`).")
+    ] = True,
 ) -> None:
-    """Start a cluster: Ray, the control plane (with its state store) and the routers."""
+    """Start a cluster: Ray, the control plane (with its state store) and the routers. Idempotent."""
+    import ray
+
     from control_plane.admin_client import AdminClient
     from control_plane.cluster import connect_ray, start_control_plane
-    from control_plane.spec import TenantSpec
 
     try:
-        cfg = ControlPlaneConfig.load(config, state_dir=str(state_dir), redis_url=redis_url)
+        overrides = {} if routers else {"num_routers": 0}
+        cfg = ControlPlaneConfig.load(config, state_dir=str(state_dir), redis_url=redis_url, **overrides)
+        bootstrap_key = bootstrap_key_file.read_text().strip() if bootstrap_key_file is not None else None
+        specs = _read_deployments(deployments_dir) if deployments_dir is not None else []
     except (ValueError, OSError) as exc:
         raise _fail(exc) from None
     with console.status("starting Ray and the control plane"):
-        started_ray = connect_ray(address, num_cpus=num_cpus)
-        _, info = start_control_plane(cfg, detached=True)
-    api_key = ""
+        started_ray = connect_ray(address, num_cpus=num_cpus, wait_s=wait_for_ray)
+        handle, info = start_control_plane(cfg, detached=True)
+        ray.get(handle.bootstrap_tenant.remote(bootstrap_tenant, bootstrap_key))
     with AdminClient(info.admin_address) as admin:
-        if "default" not in {t.name for t in admin.list_tenants()}:
-            admin.create_tenant(TenantSpec(name="default"))
-        _, api_key = admin.issue_key("default")
+        # Without an operator key, mint one for this machine's cluster file so `raylane generate` just works.
+        api_key = "" if bootstrap_key is not None else admin.issue_key(bootstrap_tenant)[1]
+        for spec in specs:
+            version = admin.apply_deployment(spec)
+            console.print(f"applied {spec.name} v{version}")
     cluster = ClusterFile(
         admin_address=info.admin_address,
         router_addresses=list(info.router_addresses),
@@ -93,8 +110,38 @@ def up(
         api_key=api_key,
     )
     path = cluster.save(cfg.state_path)
-    console.print(f"[green]cluster up[/green] admin={info.admin_address} routers={', '.join(info.router_addresses)}")
-    console.print(f"state: {info.state_url}  cluster file: {path} (holds a `default` tenant key)")
+    routers_text = ", ".join(info.router_addresses) or "none (run `raylane router serve`)"
+    console.print(f"[green]cluster up[/green] admin={info.admin_address} routers={routers_text}")
+    console.print(f"state: {info.state_url}  cluster file: {path}")
+
+
+def _read_deployments(folder: Path) -> list:
+    from control_plane.spec import DeploymentSpec, SpecError
+
+    specs = []
+    for file in sorted(folder.glob("*.yaml")) + sorted(folder.glob("*.yml")):
+        try:
+            specs.append(DeploymentSpec.from_yaml(file.read_text()))
+        except SpecError as exc:
+            raise ValueError(f"{file}: {exc}") from None
+    return specs
+
+
+def _api_key(cluster: ClusterFile, override: str | None) -> str:
+    key = override or cluster.api_key
+    if not key:
+        console.print("[red]error:[/red] no API key: pass --api-key or set RAYLANE_API_KEY")
+        raise typer.Exit(2)
+    return key
+
+
+def _router_address(cluster: ClusterFile, override: str | None) -> str:
+    if override:
+        return override
+    if not cluster.router_addresses:
+        console.print("[red]error:[/red] this cluster's routers run outside the control plane; pass --router HOST:PORT")
+        raise typer.Exit(2)
+    return cluster.router_addresses[0]
 
 
 def down(state_dir: StateDir = Path(DEFAULT_STATE_DIR)) -> None:
@@ -262,16 +309,17 @@ def generate(
     seed: Annotated[int | None, typer.Option(help="Seed for reproducible sampling.")] = None,
     api_key: Annotated[
         str | None, typer.Option(help="API key (default: the cluster file's).", envvar="RAYLANE_API_KEY")
-    ] = (None),
+    ] = None,
+    router: Annotated[str | None, typer.Option(help="Router HOST:PORT (default: the cluster file's).")] = None,
     state_dir: StateDir = Path(DEFAULT_STATE_DIR),
 ) -> None:
     """Generate through the router (gRPC), as a client would."""
     from router.client import Client
 
     cluster = _cluster(state_dir)
-    key = api_key or cluster.api_key
+    key = _api_key(cluster, api_key)
     kwargs = {"adapter": adapter, "max_tokens": max_tokens, "temperature": temperature, "seed": seed}
-    with Client(cluster.router_addresses[0], key, timeout_s=120) as client:
+    with Client(_router_address(cluster, router), key, timeout_s=120) as client:
         try:
             if stream:
                 for chunk in client.generate(deployment, prompt, **kwargs):
@@ -300,17 +348,18 @@ def bench_replay(
     vocab_size: Annotated[int, typer.Option(help="Random prompt token ids are drawn below this.")] = 512,
     api_key: Annotated[str | None, typer.Option(envvar="RAYLANE_API_KEY", help="Default: the cluster file's.")] = None,
     report: Annotated[Path | None, typer.Option(help="Also write a PNG report here.")] = None,
+    router: Annotated[str | None, typer.Option(help="Router HOST:PORT (default: the cluster file's).")] = None,
     state_dir: StateDir = Path(DEFAULT_STATE_DIR),
 ) -> None:
     """Replay a trace's arrivals through the router; prints TTFT/TPOT/E2E p50/p99 and throughput as JSON."""
     from router.replay import ReplayTarget
 
     cluster = _cluster(state_dir)
-    key = api_key or cluster.api_key
+    key = _api_key(cluster, api_key)
     targets = [ReplayTarget(deployment=d, api_key=key) for d in deployment]
     try:
         summary, _ = run_replay(
-            cluster.router_addresses[0],
+            _router_address(cluster, router),
             targets,
             trace,
             rate_scale=rate_scale,
@@ -415,3 +464,6 @@ def register(app: typer.Typer) -> None:
     app.add_typer(tenant_app, name="tenant")
     app.add_typer(adapter_app, name="adapter")
     app.add_typer(bench_app, name="bench")
+    from control_plane.cli_router import router_app
+
+    app.add_typer(router_app, name="router")

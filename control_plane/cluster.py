@@ -11,6 +11,7 @@ import logging
 import os
 import shutil
 import subprocess
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -60,13 +61,24 @@ class ClusterFile:
         return cls(**json.loads(path.read_text()))
 
 
-def connect_ray(address: str, *, num_cpus: int | None = None) -> bool:
-    """Connect this process to Ray; for `local`, start a head first if none runs. True if we started it."""
+def connect_ray(address: str, *, num_cpus: int | None = None, wait_s: float = 0.0) -> bool:
+    """Connect this process to Ray; for `local`, start a head first if none runs. True if we started it.
+
+    With `wait_s`, keep retrying a non-local address that far: in a pod, Ray may still be starting.
+    """
     if ray.is_initialized():
         return False
     if address != LOCAL:
-        ray.init(address=address, namespace=NAMESPACE, log_to_driver=False)
-        return False
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                ray.init(address=address, namespace=NAMESPACE, log_to_driver=False)
+                return False
+            except (ConnectionError, RuntimeError):
+                if time.monotonic() >= deadline:
+                    raise
+                logger.info("waiting for Ray at %s", address)
+                time.sleep(2.0)
     try:
         ray.init(address="auto", namespace=NAMESPACE, log_to_driver=False)
         return False
@@ -97,6 +109,19 @@ def start_control_plane(config: ControlPlaneConfig, *, detached: bool = True) ->
             options["lifetime"] = "detached"
         handle = ControlPlane.options(**options).remote(config)
     return handle, ray.get(handle.start.remote())
+
+
+def wait_for_control_plane(wait_s: float) -> Any:
+    """The control plane's handle, waiting up to `wait_s` for it to be started (a router pod may start first)."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            return ray.get_actor(CONTROL_PLANE_ACTOR, namespace=NAMESPACE)
+        except ValueError:
+            if time.monotonic() >= deadline:
+                message = "no raylane control plane in this Ray cluster (run `raylane up`)"
+                raise ClusterNotRunningError(message) from None
+            time.sleep(2.0)
 
 
 def stop_control_plane(timeout_s: float = 60.0) -> bool:

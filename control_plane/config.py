@@ -31,7 +31,8 @@ class ControlPlaneConfig:
     router_port: int = 50051
     """Port of the first router; replica i listens on `router_port + i` (0 picks free ports)."""
     num_routers: int = 1
-    """Router replicas."""
+    """Router replicas the control plane starts as Ray actors; 0 when routers run elsewhere (`raylane router serve`,
+    e.g. the Helm chart's router Deployment)."""
     reconcile_interval_s: float = 1.0
     """Pause between reconcile passes."""
 
@@ -43,8 +44,8 @@ class ControlPlaneConfig:
             # bool is an int subclass, but `admin_port: true` in YAML is a typo, not port 1.
             if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port < 65536:
                 raise ValueError(f"{name} must be an integer in [0, 65535], got {port!r}")
-        if not isinstance(self.num_routers, int) or self.num_routers < 1:
-            raise ValueError(f"num_routers must be an integer >= 1, got {self.num_routers!r}")
+        if isinstance(self.num_routers, bool) or not isinstance(self.num_routers, int) or self.num_routers < 0:
+            raise ValueError(f"num_routers must be an integer >= 0, got {self.num_routers!r}")
         if self.reconcile_interval_s <= 0:
             raise ValueError(f"reconcile_interval_s must be positive, got {self.reconcile_interval_s}")
 

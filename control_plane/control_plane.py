@@ -20,6 +20,7 @@ from control_plane.admin import AdminServicer
 from control_plane.config import ControlPlaneConfig
 from control_plane.controller import Controller
 from control_plane.redis_server import EmbeddedRedis, connect
+from control_plane.spec import TenantSpec
 from protos.raylane.v1 import control_pb2, control_pb2_grpc
 from router.server import CONTROL_PLANE_ACTOR, NAMESPACE, RouterActor, RouterConfig, RoutingState
 
@@ -114,6 +115,21 @@ class ControlPlane:
     async def routing_state(self) -> RoutingState:
         assert self.controller is not None, "start() first"
         return await asyncio.to_thread(self.controller.routing_state)
+
+    async def bootstrap_tenant(self, tenant: str, api_key: str | None) -> str | None:
+        """Make sure `tenant` exists and, when given, accepts `api_key` (e.g. from a Kubernetes Secret).
+
+        Returns the key's id. Idempotent, so a restarted head pod can run it again.
+        """
+        assert self.controller is not None, "start() first"
+        store = self.controller.store
+
+        def run() -> str | None:
+            if store.get_tenant(tenant) is None:
+                store.create_tenant(TenantSpec(name=tenant))
+            return None if api_key is None else store.add_key(tenant, api_key)
+
+        return await asyncio.to_thread(run)
 
     async def cluster_info(self) -> ClusterInfo | None:
         return self.info

@@ -57,6 +57,10 @@ class ConflictError(StateError):
     """A stale expected_version, or concurrent writers kept winning the race."""
 
 
+MIN_OPERATOR_KEY_LENGTH = 16
+"""Shortest key `add_key` accepts: operator-chosen keys must still resist guessing."""
+
+
 def hash_key(plaintext: str) -> str:
     """The stored form of an API key. Keys carry 256 random bits, so a fast hash is enough."""
     return hashlib.sha256(plaintext.encode("utf-8")).hexdigest()
@@ -364,6 +368,27 @@ class StateStore:
         """A new key for `tenant`: (key_id, plaintext). The plaintext is never stored; show it once."""
         key_id = secrets.token_hex(6)
         plaintext = f"{KEY_PREFIX}{key_id}-{secrets.token_urlsafe(32)}"
+        self._store_key(tenant, key_id, plaintext)
+        return key_id, plaintext
+
+    def add_key(self, tenant: str, plaintext: str) -> str:
+        """Accept a key the operator chose (e.g. bootstrapped from a Kubernetes Secret); returns its id.
+
+        Idempotent: adding the same key for the same tenant again changes nothing.
+        """
+        if len(plaintext) < MIN_OPERATOR_KEY_LENGTH:
+            raise StateError(f"an operator-provided key needs at least {MIN_OPERATOR_KEY_LENGTH} characters")
+        digest = hash_key(plaintext)
+        owner = self.client.hget(self._k_key_hashes, digest)
+        if owner is not None:
+            if _text(owner) != tenant:
+                raise ConflictError("that key already belongs to another tenant")
+            return f"op-{digest[:12]}"
+        key_id = f"op-{digest[:12]}"
+        self._store_key(tenant, key_id, plaintext)
+        return key_id
+
+    def _store_key(self, tenant: str, key_id: str, plaintext: str) -> None:
         digest = hash_key(plaintext)
 
         def plan(pipe: Pipeline) -> tuple[None, Writer]:
@@ -381,7 +406,6 @@ class StateStore:
 
         self._transact("issue_key", (self._k_tenants, self._k_key_ids, self._k_key_hashes), plan)
         logger.info("key issued tenant=%s key_id=%s", tenant, key_id)
-        return key_id, plaintext
 
     def revoke_key(self, key_id: str) -> bool:
         """Revoke a key by id; False when no such key."""
@@ -405,7 +429,8 @@ class StateStore:
 
     def resolve_key(self, plaintext: str) -> str | None:
         """The tenant owning an API key, or None for an unknown or revoked key."""
-        if not isinstance(plaintext, str) or not plaintext.startswith(KEY_PREFIX):
+        # No prefix check: operator-provided keys (`add_key`) may have any form.
+        if not isinstance(plaintext, str) or not plaintext:
             return None
         tenant = self._client.hget(self._k_key_hashes, hash_key(plaintext))
         return None if tenant is None else _text(tenant)

@@ -250,9 +250,12 @@ class _TokenCounter:
         return len(tokenizer.encode(text))
 
 
-@ray.remote(num_cpus=0, max_concurrency=10_000)
-class RouterActor:
-    """One router replica. Call `start` once; it returns the address clients should use."""
+class RouterReplica:
+    """A router's moving parts: the directory that feeds it, its request path and its gRPC server.
+
+    Runs on any asyncio loop of a process connected to Ray: inside `RouterActor`, or in the
+    foreground of `raylane router serve` (a router pod of the Helm chart).
+    """
 
     def __init__(self, config: RouterConfig, control_plane: Any) -> None:
         self.config = config
@@ -262,6 +265,7 @@ class RouterActor:
         self.address = ""
 
     async def start(self) -> str:
+        """Pull the routing state, then serve; returns the address clients should use."""
         await self.directory.start()
         servicer = RouterServicer(self.core, count_tokens=_TokenCounter(self.directory))
         self._server, port = await start_grpc_server(servicer, self.config.host, self.config.port)
@@ -270,10 +274,28 @@ class RouterActor:
         logger.info("router started address=%s", self.address)
         return self.address
 
-    async def ping(self) -> str:
-        return self.address
+    async def wait(self) -> None:
+        assert self._server is not None, "start() first"
+        await self._server.wait_for_termination()
 
-    async def stop(self) -> None:
+    async def stop(self, grace_s: float = 1.0) -> None:
         await self.directory.stop()
         if self._server is not None:
-            await self._server.stop(grace=1.0)
+            await self._server.stop(grace=grace_s)
+
+
+@ray.remote(num_cpus=0, max_concurrency=10_000)
+class RouterActor:
+    """One router replica the control plane starts. Call `start` once; it returns the address."""
+
+    def __init__(self, config: RouterConfig, control_plane: Any) -> None:
+        self.replica = RouterReplica(config, control_plane)
+
+    async def start(self) -> str:
+        return await self.replica.start()
+
+    async def ping(self) -> str:
+        return self.replica.address
+
+    async def stop(self) -> None:
+        await self.replica.stop()

@@ -97,7 +97,10 @@ def test_a_yaml_file_that_is_not_a_mapping_is_a_value_error(tmp_path):
         ControlPlaneConfig.load(write_yaml(tmp_path, "- admin_port\n- 7000\n"))
 
 
-@pytest.mark.parametrize(("field", "value"), [("num_routers", 0), ("num_routers", 1.5), ("reconcile_interval_s", 0.0)])
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("num_routers", -1), ("num_routers", 1.5), ("num_routers", True), ("reconcile_interval_s", 0.0)],
+)
 def test_other_bad_values_are_value_errors_naming_the_field(field, value):
     with pytest.raises(ValueError, match=field):
         ControlPlaneConfig(**{field: value})

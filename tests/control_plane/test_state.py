@@ -229,6 +229,21 @@ def test_issue_key_for_unknown_tenant(store):
         store.issue_key("nobody")
 
 
+def test_operator_key_is_accepted_once_stored_as_a_hash_and_revocable(store):
+    store.create_tenant(TenantSpec(name="acme"))
+    store.create_tenant(TenantSpec(name="other"))
+    operator_key = "bootstrap-key-from-a-k8s-secret"
+    key_id = store.add_key("acme", operator_key)
+    assert store.add_key("acme", operator_key) == key_id  # idempotent: a restarted pod adds it again
+    assert store.resolve_key(operator_key) == "acme" and store.list_keys("acme") == [key_id]
+    assert operator_key not in _all_redis_text(store.client)
+    with pytest.raises(ConflictError, match="another tenant"):
+        store.add_key("other", operator_key)
+    with pytest.raises(StateError, match="at least 16"):
+        store.add_key("acme", "short")
+    assert store.revoke_key(key_id) and store.resolve_key(operator_key) is None
+
+
 def test_revoke_key(store):
     store.create_tenant(TenantSpec(name="acme"))
     (kid1, key1), (kid2, key2) = store.issue_key("acme"), store.issue_key("acme")

@@ -68,3 +68,63 @@ def test_cli_runs_a_cluster(ray_cluster, tiny_llama, tmp_path):
     assert code == 0 and "cluster down" in output, output
     code, output = _invoke(runner, "status", "--state-dir", state)
     assert code == 1 and "no cluster is running" in output
+
+
+def test_cli_kubernetes_style_start_with_separate_router(ray_cluster, tiny_llama, tmp_path):
+    """The Helm chart's flow: `up` with deployments, a bootstrap key and no routers; `router serve` on its own."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    from router.client import Client
+
+    runner = CliRunner()
+    state = str(tmp_path / "state")
+    (tmp_path / "cluster.yaml").write_text("admin_port: 0\nreconcile_interval_s: 0.5\n")
+    (tmp_path / "deployments").mkdir()
+    (tmp_path / "deployments" / "chat.yaml").write_text(
+        f"deployment:\n  name: chat\n  model: {tiny_llama}\n  pools:\n    - role: mixed\n"
+    )
+    (tmp_path / "api-key").write_text("operator-key-from-a-secret-0123\n")
+    address = ray_cluster.get_runtime_context().gcs_address
+    up = ("up", "--address", address, "--config", str(tmp_path / "cluster.yaml"), "--state-dir", state)
+    flags = ("--deployments-dir", str(tmp_path / "deployments"), "--bootstrap-tenant", "acme")
+    key_flags = ("--bootstrap-key-file", str(tmp_path / "api-key"), "--no-routers")
+    code, output = _invoke(runner, *up, *flags, *key_flags)
+    assert code == 0 and "applied chat v1" in output and "routers=none" in output, output
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [sys.executable, "-m", "control_plane.cli", "router", "serve", "--address", address, "--port", str(port)]
+    router = subprocess.Popen(
+        [*cmd, "--host", "127.0.0.1", "--wait-for-ray", "30"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "PYTHONPATH": os.getcwd()},
+    )
+    try:
+        with Client(f"127.0.0.1:{port}", "operator-key-from-a-secret-0123", timeout_s=30) as client:
+            deadline = time.monotonic() + 120
+            while True:
+                try:
+                    completion = client.complete("chat", "hello", max_tokens=4)
+                    break
+                except Exception:
+                    assert router.poll() is None, router.stdout.read()
+                    assert time.monotonic() < deadline, "router never served the bootstrap tenant"
+                    time.sleep(0.5)
+        assert len(completion.token_ids) == 4
+        code, output = _invoke(runner, "generate", "hi", "--deployment", "chat", "--state-dir", state)
+        assert code == 2 and "--api-key" in output  # the operator's key never lands in the cluster file
+        generate = ("generate", "hi", "--deployment", "chat", "--api-key", "operator-key-from-a-secret-0123")
+        code, output = _invoke(runner, *generate, "--state-dir", state)
+        assert code == 2 and "--router" in output  # nor does a router address: routers run on their own
+    finally:
+        router.send_signal(signal.SIGTERM)
+        assert router.wait(timeout=30) == 0, router.stdout.read()
+        code, output = _invoke(runner, "down", "--state-dir", state)
+    assert code == 0, output
