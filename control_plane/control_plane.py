@@ -13,8 +13,6 @@ from typing import Any
 
 import grpc
 import ray
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from control_plane.admin import AdminServicer
 from control_plane.config import ControlPlaneConfig
@@ -22,6 +20,7 @@ from control_plane.controller import Controller
 from control_plane.redis_server import EmbeddedRedis, connect
 from control_plane.spec import TenantSpec
 from protos.raylane.v1 import control_pb2, control_pb2_grpc
+from router.grpc_server import start_grpc_server
 from router.server import CONTROL_PLANE_ACTOR, NAMESPACE, RouterActor, RouterConfig, RoutingState
 
 logger = logging.getLogger(__name__)
@@ -70,20 +69,13 @@ class ControlPlane:
 
     async def _start_admin(self) -> str:
         assert self.controller is not None
-        server = grpc.aio.server()
         servicer = AdminServicer(self.controller, self._addresses)
-        control_pb2_grpc.add_ControlPlaneServicer_to_server(servicer, server)
-        health_servicer = health.aio.HealthServicer()
-        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-        name = control_pb2.DESCRIPTOR.services_by_name["ControlPlane"].full_name
-        reflection.enable_server_reflection((name, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-        port = server.add_insecure_port(f"{self.config.admin_host}:{self.config.admin_port}")
-        if port == 0:
-            raise OSError(f"could not bind the admin service to {self.config.admin_host}:{self.config.admin_port}")
-        await server.start()
-        for service in ("", name):
-            await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
-        self._admin_server = server
+        self._admin_server, port = await start_grpc_server(
+            lambda server: control_pb2_grpc.add_ControlPlaneServicer_to_server(servicer, server),
+            control_pb2.DESCRIPTOR.services_by_name["ControlPlane"].full_name,
+            self.config.admin_host,
+            self.config.admin_port,
+        )
         host = ray.util.get_node_ip_address() if self.config.admin_host == "0.0.0.0" else self.config.admin_host
         return f"{host}:{port}"
 

@@ -17,15 +17,12 @@ from typing import Any
 
 import grpc
 import ray
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
-from protos.raylane.v1 import router_pb2, router_pb2_grpc
 from router.core import RouterCore
 from router.dispatch import WorkerClient
 from router.errors import InvalidArgument, Unavailable
 from router.policy import ClusterView, WorkerView
-from router.servicer import RouterServicer
+from router.servicer import RouterServicer, start_router_server
 from router.table import RoutingTable
 from workers.messages import GenerateCall, PrefillResult, TokenChunk, WorkerStats
 
@@ -210,23 +207,6 @@ class RayDirectory:
                 logger.exception("router refresh failed step=%s", fn.__name__)
 
 
-async def start_grpc_server(servicer: RouterServicer, host: str, port: int) -> tuple[grpc.aio.Server, int]:
-    """A `grpc.aio` server with the Router service, health checking and reflection; returns it and its port."""
-    server = grpc.aio.server()
-    router_pb2_grpc.add_RouterServicer_to_server(servicer, server)
-    health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    service_name = router_pb2.DESCRIPTOR.services_by_name["Router"].full_name
-    reflection.enable_server_reflection((service_name, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-    bound = server.add_insecure_port(f"{host}:{port}")
-    if bound == 0:
-        raise OSError(f"could not bind the router to {host}:{port}")
-    await server.start()
-    for name in ("", service_name):
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    return server, bound
-
-
 class _TokenCounter:
     """CountTokens: the deployment's own tokenizer, loaded once per model folder."""
 
@@ -268,7 +248,7 @@ class RouterReplica:
         """Pull the routing state, then serve; returns the address clients should use."""
         await self.directory.start()
         servicer = RouterServicer(self.core, count_tokens=_TokenCounter(self.directory))
-        self._server, port = await start_grpc_server(servicer, self.config.host, self.config.port)
+        self._server, port = await start_router_server(servicer, self.config.host, self.config.port)
         host = ray.util.get_node_ip_address() if self.config.host == "0.0.0.0" else self.config.host
         self.address = f"{host}:{port}"
         logger.info("router started address=%s", self.address)

@@ -11,11 +11,13 @@ import grpc
 from protos.raylane.v1 import router_pb2, router_pb2_grpc
 from router.core import GenerateInput, RouterCore
 from router.errors import InvalidArgument, RouterError, Unavailable
+from router.grpc_server import start_grpc_server
 from workers.messages import TokenChunk
 
 logger = logging.getLogger(__name__)
 
 RETRY_METADATA_KEY = "retry-after-ms"
+ROUTER_SERVICE = router_pb2.DESCRIPTOR.services_by_name["Router"].full_name
 
 
 def api_key_from(context: grpc.aio.ServicerContext) -> str | None:
@@ -127,3 +129,10 @@ async def _abort(context: grpc.aio.ServicerContext, exc: RouterError) -> None:
         context.set_trailing_metadata(((RETRY_METADATA_KEY, str(int(exc.retry_after_s * 1000))),))
     logger.info("request refused status=%s reason=%s", exc.status.value, exc.message)
     await context.abort(getattr(grpc.StatusCode, exc.status.value), exc.message)
+
+
+async def start_router_server(servicer: RouterServicer, host: str, port: int) -> tuple[grpc.aio.Server, int]:
+    """A `grpc.aio` server for `servicer` with health checking and reflection; returns it and its bound port."""
+    return await start_grpc_server(
+        lambda server: router_pb2_grpc.add_RouterServicer_to_server(servicer, server), ROUTER_SERVICE, host, port
+    )

@@ -28,7 +28,15 @@ from workers.engine.config import EngineConfig
 from workers.engine.engine import Engine
 from workers.engine.kv_transfer import KVExport
 from workers.engine.request import RequestOutput
-from workers.messages import ROLES, GenerateCall, PrefillResult, TokenChunk, WorkerStats, WrongRoleError
+from workers.messages import (
+    ROLES,
+    GenerateCall,
+    PrefillResult,
+    TokenChunk,
+    WorkerStats,
+    WrongRoleError,
+    chunk_from_output,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -267,17 +275,8 @@ class LLMWorker:
         task.add_done_callback(self._background_tasks.discard)
 
     def _chunk(self, request_id: str, seq: int, output: RequestOutput) -> TokenChunk:
-        return TokenChunk(
-            request_id=request_id,
-            seq=seq,
-            token_ids=list(output.new_token_ids),
-            text=output.text_delta,
-            finished=output.finished,
-            finish_reason=output.finish_reason,
-            num_prompt_tokens=output.num_prompt_tokens,
-            num_cached_tokens=output.num_cached_tokens,
-            worker_id=self.config.worker_id,
-        )
+        assert output.request_id == request_id
+        return chunk_from_output(output, seq=seq, worker_id=self.config.worker_id)
 
     def _check_role(self, method: str, roles: tuple[str, ...]) -> None:
         self._check_alive()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from workers.engine.request import RequestOutput
 from workers.engine.sampling_params import SamplingParams
 
 ROLES = ("prefill", "decode", "mixed")
@@ -121,3 +122,18 @@ class PrefillResult:
     """Wall time from accepting the call to holding the exported KV."""
     kv_bytes: int
     """Size of the exported KV (0 when the request already finished)."""
+
+
+def chunk_from_output(output: RequestOutput, *, seq: int, worker_id: str) -> TokenChunk:
+    """The stream chunk for one engine step's output; `seq` is the stream index of its first new token."""
+    return TokenChunk(
+        request_id=output.request_id,
+        seq=seq,
+        token_ids=list(output.new_token_ids),
+        text=output.text_delta,
+        finished=output.finished,
+        finish_reason=output.finish_reason,
+        num_prompt_tokens=output.num_prompt_tokens,
+        num_cached_tokens=output.num_cached_tokens,
+        worker_id=worker_id,
+    )

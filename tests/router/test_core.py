@@ -30,13 +30,12 @@ from router.errors import (
 )
 from router.policy import ClusterView, WorkerView
 from router.quota import QuotaLimits, QuotaTracker
-from router.server import start_grpc_server
-from router.servicer import RouterServicer
+from router.servicer import RouterServicer, start_router_server
 from router.table import DeploymentRoute, RoutingTable, hash_api_key
 from workers.engine.async_engine import AsyncEngine
 from workers.engine.config import EngineConfig, MiB
 from workers.engine.engine import Engine
-from workers.messages import GenerateCall, PrefillResult, TokenChunk, WorkerStats
+from workers.messages import GenerateCall, PrefillResult, TokenChunk, WorkerStats, chunk_from_output
 
 PROMPT = (5, 17, 42, 99, 7, 23, 61, 88, 12, 30, 44, 71, 3, 9, 150, 201, 77, 66)
 KEYS = {"acme": "key-acme", "globex": "key-globex", "busy": "key-busy", "thrifty": "key-thrifty"}
@@ -61,17 +60,7 @@ class EngineWorkerClient:
         outputs = self.engine.generate(call.request_id, call.engine_prompt, call.sampling, lora_name=call.adapter)
         async with aclosing(outputs):
             async for output in outputs:
-                yield TokenChunk(
-                    request_id=call.request_id,
-                    seq=seq,
-                    token_ids=list(output.new_token_ids),
-                    text=output.text_delta,
-                    finished=output.finished,
-                    finish_reason=output.finish_reason,
-                    num_prompt_tokens=output.num_prompt_tokens,
-                    num_cached_tokens=output.num_cached_tokens,
-                    worker_id=self.worker_id,
-                )
+                yield chunk_from_output(output, seq=seq, worker_id=self.worker_id)
                 seq += len(output.new_token_ids)
 
     async def prefill(self, call: GenerateCall) -> tuple[PrefillResult, Any]:
@@ -319,7 +308,7 @@ def router_server(engines) -> Iterator[RouterServer]:
     core = RouterCore(make_directory(engines))
 
     async def start() -> tuple[grpc.aio.Server, int]:
-        return await start_grpc_server(RouterServicer(core), "127.0.0.1", 0)
+        return await start_router_server(RouterServicer(core), "127.0.0.1", 0)
 
     server, port = asyncio.run_coroutine_threadsafe(start(), loop).result(timeout=30)
     yield RouterServer(address=f"127.0.0.1:{port}", core=core, loop=loop)

@@ -21,7 +21,7 @@ from workers.engine.config import EngineConfig, MiB
 from workers.engine.engine import Engine
 from workers.engine.request import RequestOutput
 from workers.engine.sampling_params import SamplingParams
-from workers.messages import GenerateCall, PrefillResult, TokenChunk, WorkerStats
+from workers.messages import GenerateCall, PrefillResult, TokenChunk, WorkerStats, chunk_from_output
 
 PROMPT = (5, 17, 42, 99, 7, 23, 61, 88, 12, 30, 44, 71, 3, 9, 150, 201, 77, 66)
 """18 tokens: one full KV block and a partial one cross the prefill/decode handoff."""
@@ -68,17 +68,7 @@ class EngineWorkerClient:
                 seq += len(output.new_token_ids)
 
     def _chunk(self, seq: int, output: RequestOutput) -> TokenChunk:
-        return TokenChunk(
-            request_id=output.request_id,
-            seq=seq,
-            token_ids=list(output.new_token_ids),
-            text=output.text_delta,
-            finished=output.finished,
-            finish_reason=output.finish_reason,
-            num_prompt_tokens=output.num_prompt_tokens,
-            num_cached_tokens=output.num_cached_tokens,
-            worker_id=self.worker_id,
-        )
+        return chunk_from_output(output, seq=seq, worker_id=self.worker_id)
 
 
 @pytest.fixture(scope="module")
