@@ -7,8 +7,10 @@ behind `Policy`; `LeastLoadedPolicy` is the default until then.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-from collections.abc import Mapping, Sequence
+import math
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -157,3 +159,153 @@ def log_decision(policy: str, request: RouteRequest, decision: Decision) -> None
         decision.worker_id,
         decision.reason,
     )
+
+
+# --- Filter → score → pick, made explicit -------------------------------------------------------------------------
+# Policies below share one shape: choose the pools (mixed, or prefill + decode), filter each pool's candidates,
+# score them, pick the lowest. `place_by_role` owns the pool choice so every policy treats topologies alike.
+
+Picker = Callable[[RouteRequest, Sequence[WorkerView], str], tuple[WorkerView, dict[str, float]]]
+"""Picks one of the non-empty healthy candidates of one role; returns it and the scores it considered."""
+
+
+def place_by_role(request: RouteRequest, view: ClusterView, pick: Picker, *, policy: str) -> Decision:
+    """Place `request` on a mixed worker, or on a prefill and a decode worker, as `LeastLoadedPolicy` does.
+
+    A deployment with any mixed worker is served by its mixed pool; otherwise it needs a healthy worker in
+    both the prefill and the decode pool. Raises `NoCapacityError` (naming the pool) when a pool is empty.
+    """
+    roles = view.roles(request.deployment)
+    if not roles:
+        raise NoCapacityError(f"deployment {request.deployment!r} has no workers yet", retry_after_s=2.0)
+
+    def pick_role(role: str) -> tuple[WorkerView, dict[str, float]]:
+        candidates = view.candidates(request.deployment, role)
+        if not candidates:
+            raise NoCapacityError(f"no healthy {role} worker for deployment {request.deployment!r}")
+        return pick(request, candidates, role)
+
+    if "mixed" in roles:
+        worker, scores = pick_role("mixed")
+        return Decision(worker_id=worker.worker_id, reason=f"{policy} mixed", scores=scores)
+    prefill, prefill_scores = pick_role("prefill")
+    decode, decode_scores = pick_role("decode")
+    return Decision(
+        worker_id=decode.worker_id,
+        prefill_worker_id=prefill.worker_id,
+        reason=f"{policy} prefill+decode",
+        scores={**prefill_scores, **decode_scores},
+    )
+
+
+class Scorer(Protocol):
+    """One term of a weighted policy: how unattractive `worker` is for `request`.
+
+    Lower is better. Scores must be finite and should be pure functions of their arguments so decisions
+    replay in the simulator. Scale matters: a `WeightedPolicy` adds `weight * score` across scorers.
+    """
+
+    name: str
+
+    def score(self, request: RouteRequest, worker: WorkerView) -> float:
+        """A finite score for placing `request` on `worker`; lower is better."""
+        ...
+
+
+class LoadScorer:
+    """`load_score`: outstanding requests, with KV usage as a fraction-of-one tie-breaker."""
+
+    name = "load"
+
+    def score(self, request: RouteRequest, worker: WorkerView) -> float:
+        return load_score(worker)
+
+
+class KvPressureScorer:
+    """KV usage in [0, 1]; steers long requests away from workers about to preempt."""
+
+    name = "kv"
+
+    def score(self, request: RouteRequest, worker: WorkerView) -> float:
+        return worker.kv_usage
+
+
+class AdapterAffinityScorer:
+    """1 when the request needs a LoRA adapter the worker does not hold (a load before the first token), else 0."""
+
+    name = "adapter"
+
+    def score(self, request: RouteRequest, worker: WorkerView) -> float:
+        return float(request.adapter is not None and request.adapter not in worker.adapters)
+
+
+@dataclass(kw_only=True, frozen=True)
+class WeightedTerm:
+    """A scorer and how much it counts in a `WeightedPolicy`."""
+
+    scorer: Scorer
+    """The scorer; its `name` must be unique within one policy."""
+    weight: float = 1.0
+    """Multiplier on the scorer's output; finite and >= 0 (0 keeps it in the log without effect)."""
+
+    def __post_init__(self) -> None:
+        if not math.isfinite(self.weight) or self.weight < 0:
+            raise ValueError(f"weight of scorer {self.scorer.name!r} must be finite and >= 0, got {self.weight}")
+
+
+WorkerPredicate = Callable[[RouteRequest, WorkerView], bool]
+"""Extra filter on candidates, e.g. "has room for this request's KV"; True keeps the worker."""
+
+
+class WeightedPolicy:
+    """Filter (healthy, role, optional predicate) → sum of weighted scores → lowest total, ties by worker id.
+
+    Deterministic and stateless. The logged reason carries the winner's per-term breakdown, so a decision
+    can be explained from one log line.
+    """
+
+    def __init__(
+        self, terms: Sequence[WeightedTerm], *, predicate: WorkerPredicate | None = None, name: str = "weighted"
+    ) -> None:
+        self._init_terms(terms)
+        self.predicate = predicate
+        self.name = name
+
+    def _init_terms(self, terms: Sequence[WeightedTerm]) -> None:
+        if not terms:
+            raise ValueError("WeightedPolicy needs at least one WeightedTerm")
+        names = [t.scorer.name for t in terms]
+        if len(set(names)) != len(names):
+            raise ValueError(f"scorer names must be unique within a WeightedPolicy, got {names}")
+        self.terms = tuple(terms)
+
+    def route(self, request: RouteRequest, view: ClusterView) -> Decision:
+        breakdowns: dict[str, str] = {}
+
+        def pick(req: RouteRequest, candidates: Sequence[WorkerView], role: str) -> tuple[WorkerView, dict[str, float]]:
+            kept = [w for w in candidates if self.predicate is None or self.predicate(req, w)]
+            if not kept:
+                raise NoCapacityError(
+                    f"no {role} worker of deployment {req.deployment!r} passes the {self.name} filter "
+                    f"({len(candidates)} healthy)"
+                )
+            parts = {w.worker_id: self._terms_for(req, w) for w in kept}
+            totals = {wid: math.fsum(weight * value for _, weight, value in p) for wid, p in parts.items()}
+            chosen = min(kept, key=lambda w: (totals[w.worker_id], w.worker_id))
+            breakdowns[role] = "+".join(f"{n}={v:.3g}*{wt:g}" for n, wt, v in parts[chosen.worker_id])
+            return chosen, totals
+
+        decision = place_by_role(request, view, pick, policy=self.name)
+        detail = " ".join(f"{role}[{terms}]" for role, terms in breakdowns.items())
+        decision = dataclasses.replace(decision, reason=f"{decision.reason} {detail}")
+        log_decision(self.name, request, decision)
+        return decision
+
+    def _terms_for(self, request: RouteRequest, worker: WorkerView) -> list[tuple[str, float, float]]:
+        parts = []
+        for term in self.terms:
+            value = float(term.scorer.score(request, worker))
+            if not math.isfinite(value):
+                raise ValueError(f"scorer {term.scorer.name!r} returned {value} for worker {worker.worker_id!r}")
+            parts.append((term.scorer.name, term.weight, value))
+        return parts
