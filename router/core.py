@@ -25,6 +25,7 @@ from router.errors import (
     Unauthenticated,
     Unavailable,
 )
+from router.length_predictor import LengthPredictor, prompt_features
 from router.policy import ClusterView, LeastLoadedPolicy, NoCapacityError, Policy, RouteRequest
 from router.quota import QuotaExceededError, QuotaTracker
 from router.table import RoutingTable
@@ -78,10 +79,18 @@ class Directory(Protocol):
 class RouterCore:
     """One router replica's request path. Not thread-safe: everything runs on one event loop."""
 
-    def __init__(self, directory: Directory, *, policy: Policy | None = None, quotas: QuotaTracker | None = None):
+    def __init__(
+        self,
+        directory: Directory,
+        *,
+        policy: Policy | None = None,
+        quotas: QuotaTracker | None = None,
+        predictor: LengthPredictor | None = None,
+    ):
         self.directory = directory
         self.policy = policy or LeastLoadedPolicy()
         self.quotas = quotas or QuotaTracker()
+        self.predictor = predictor
         self._inflight: Counter[str] = Counter()
         self._last_forced_refresh = 0.0
 
@@ -148,6 +157,10 @@ class RouterCore:
     async def generate(self, api_key: str | None, inp: GenerateInput) -> AsyncIterator[TokenChunk]:
         """The whole request path; closing the iterator early (cancel, deadline) aborts on the worker."""
         tenant, call, route = await self._admit_fresh(api_key, inp)
+        features = prompt_features(inp.prompt) if self.predictor is not None and inp.prompt else None
+        if self.predictor is not None:
+            prediction = self.predictor.predict(route, features)
+            route = dataclasses.replace(route, predicted_output_p50=prediction.p50, predicted_output_p90=prediction.p90)
         limits = self.directory.table().tenants.get(tenant)
         if limits is None:
             raise Unauthenticated(f"tenant {tenant!r} no longer exists")
@@ -161,9 +174,14 @@ class RouterCore:
             placed = [w for w in (decision.worker_id, decision.prefill_worker_id) if w]
             self._inflight.update(placed)
             try:
+                num_output_tokens = 0
                 async with aclosing(run_placed(decision, call, self.directory.clients())) as stream:
                     async for chunk in _translate_errors(stream):
                         used_tokens += len(chunk.token_ids)
+                        num_output_tokens += len(chunk.token_ids)
+                        if chunk.finished and chunk.finish_reason in ("stop", "length") and self.predictor:
+                            # Only complete generations teach the predictor; aborted lengths are unknown.
+                            self.predictor.observe(route, num_output_tokens, features)
                         yield chunk
             finally:
                 self._inflight.subtract(placed)

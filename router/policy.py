@@ -69,6 +69,10 @@ class RouteRequest:
     num_prompt_tokens_estimate: int = 0
     """Prompt length in tokens, or an estimate from the text."""
     max_tokens: int = 16
+    predicted_output_p50: float | None = None
+    """Median output length the router's length predictor expects (None: no predictor)."""
+    predicted_output_p90: float | None = None
+    """90th-percentile output length the predictor expects."""
 
 
 @dataclass(kw_only=True, frozen=True)

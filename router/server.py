@@ -21,6 +21,7 @@ import ray
 from router.core import RouterCore
 from router.dispatch import WorkerClient
 from router.errors import InvalidArgument, Unavailable
+from router.length_predictor import LengthPredictor
 from router.policy import ClusterView, WorkerView
 from router.servicer import RouterServicer, start_router_server
 from router.table import RoutingTable
@@ -240,7 +241,8 @@ class RouterReplica:
     def __init__(self, config: RouterConfig, control_plane: Any) -> None:
         self.config = config
         self.directory = RayDirectory(config, control_plane)
-        self.core = RouterCore(self.directory)
+        # Learns output lengths from this replica's completed requests (persistence: next step of issue 5).
+        self.core = RouterCore(self.directory, predictor=LengthPredictor())
         self._server: grpc.aio.Server | None = None
         self.address = ""
 

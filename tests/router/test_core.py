@@ -28,7 +28,8 @@ from router.errors import (
     Unauthenticated,
     Unavailable,
 )
-from router.policy import ClusterView, WorkerView
+from router.length_predictor import LengthPredictor, LengthPredictorConfig
+from router.policy import ClusterView, Decision, LeastLoadedPolicy, RouteRequest, WorkerView
 from router.quota import QuotaLimits, QuotaTracker
 from router.servicer import RouterServicer, start_router_server
 from router.table import DeploymentRoute, RoutingTable, hash_api_key
@@ -197,6 +198,28 @@ def test_forced_refreshes_are_rate_limited(engines, clock):
         with pytest.raises(Unauthenticated):
             run_request(core, "key-never-issued", request())
     assert directory.num_refreshes == 1
+
+
+class RecordingPolicy(LeastLoadedPolicy):
+    def __init__(self) -> None:
+        self.routes: list[RouteRequest] = []
+
+    def route(self, request: RouteRequest, view: ClusterView) -> Decision:
+        self.routes.append(request)
+        return super().route(request, view)
+
+
+def test_the_length_predictor_learns_from_completed_requests_and_informs_placement(engines, clock):
+    policy = RecordingPolicy()
+    predictor = LengthPredictor(LengthPredictorConfig(min_observations=4))
+    core = RouterCore(make_directory(engines), policy=policy, quotas=QuotaTracker(clock=clock), predictor=predictor)
+    for _ in range(6):
+        run_request(core, KEYS["acme"], request(max_tokens=6))
+    assert all(r.predicted_output_p50 is not None for r in policy.routes)  # the policy sees every prediction
+    roomy = dataclasses.replace(policy.routes[-1], max_tokens=400)  # predictions are clipped to max_tokens
+    assert LengthPredictor().predict(roomy).p50 > 100  # the prior, before learning
+    learned = predictor.predict(roomy)
+    assert learned.p50 == pytest.approx(6, rel=0.25) and learned.p90 >= learned.p50
 
 
 def test_a_text_prompt_is_accepted(core):
