@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from control_plane.config import ControlPlaneConfig
 from control_plane.control_plane import ClusterInfo, ControlPlane
@@ -104,9 +105,13 @@ def start_control_plane(config: ControlPlaneConfig, *, detached: bool = True) ->
     try:
         handle = ray.get_actor(CONTROL_PLANE_ACTOR, namespace=NAMESPACE)
     except ValueError:
-        options = {"name": CONTROL_PLANE_ACTOR, "namespace": NAMESPACE}
+        options: dict[str, Any] = {"name": CONTROL_PLANE_ACTOR, "namespace": NAMESPACE}
         if detached:
             options["lifetime"] = "detached"
+        if not ray.util.client.ray.is_connected():
+            # On this node: its admin port is where `up` (and the Helm chart's admin Service) says it is.
+            node_id = ray.get_runtime_context().get_node_id()
+            options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node_id=node_id, soft=False)
         handle = ControlPlane.options(**options).remote(config)
     return handle, ray.get(handle.start.remote())
 
