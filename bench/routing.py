@@ -1,0 +1,368 @@
+"""Routing policies on a real local cluster: SLO attainment and goodput under a replayed trace.
+
+One run, one seed, one cluster: an in-process Ray cluster with the real control plane and N
+`mixed` workers on a tiny Llama. For each policy a router replica (the production `RouterReplica`,
+gRPC and all) is started in this process with that policy, and the same window of the trace is
+replayed through it (same arrivals, same prompts, same output lengths). Between policies the
+workers drain, so every policy starts from idle workers.
+
+Load: the trace window's arrival rate is scaled so the offered output-token rate is `--load`
+(default 0.8) times the capacity measured at the start of the run (a saturating burst through the
+least-outstanding baseline). SLOs default to multiples of the unloaded latency measured then too,
+and are printed with the results.
+
+    python bench/routing.py                                  # 60 s per policy, 4 workers
+    python bench/routing.py --duration 30 --policies round_robin,least_outstanding,p2c,weighted
+    python bench/routing.py --trace other_trace.csv --seed 3 --png routing.png
+
+stdout is exactly one JSON object; progress goes to stderr. Trace credit: Azure LLM inference
+trace 2023 (Azure/AzurePublicDataset, CC-BY 4.0; Patel et al., "Splitwise", ISCA 2024).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # run as a script
+    sys.path.insert(0, str(REPO))
+
+from router.trace import DEFAULT_TRACE, TraceRequest, load_trace  # noqa: E402
+
+DEPLOYMENT = "bench"
+TENANT = "bench"
+BASELINES = ("round_robin", "least_outstanding", "p2c")
+
+
+def log(msg: str) -> None:
+    print(f"[routing] {msg}", file=sys.stderr, flush=True)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--trace", type=Path, default=DEFAULT_TRACE, help="trace CSV (Azure format)")
+    parser.add_argument("--duration", type=float, default=60.0, help="seconds of replay per policy (default 60)")
+    parser.add_argument("--seed", type=int, default=0, help="seeds the trace window and the prompts")
+    parser.add_argument(
+        "--policies",
+        default="round_robin,least_outstanding,p2c,weighted",
+        help="comma list from router/registry.py; the first three are the baselines",
+    )
+    parser.add_argument("--num-workers", type=int, default=4, help="mixed workers (default 4)")
+    parser.add_argument("--load", type=float, default=0.8, help="offered load as a fraction of capacity (default 0.8)")
+    parser.add_argument("--max-prompt-len", type=int, default=384, help="longest scaled prompt (tiny context: 512)")
+    parser.add_argument("--max-output-len", type=int, default=96, help="cap on output lengths")
+    parser.add_argument("--ttft-slo-ms", type=float, default=None, help="default: 20x the unloaded TTFT p50")
+    parser.add_argument("--tpot-slo-ms", type=float, default=None, help="default: 10x the unloaded TPOT p50")
+    parser.add_argument("--png", type=Path, default=None, help="also write latency CDFs per policy here")
+    parser.add_argument("--num-cpus", type=int, default=8, help="logical CPUs of the in-process Ray (default 8)")
+    args = parser.parse_args(argv)
+    if args.duration <= 0 or not 0 < args.load <= 2 or args.num_workers < 1:
+        parser.error("need --duration > 0, 0 < --load <= 2 and --num-workers >= 1")
+    return args
+
+
+def trace_window(path: Path, *, seed: int, duration_s: float, max_prompt: int, max_output: int) -> list[TraceRequest]:
+    """A window of the trace starting at a seeded offset, lengths scaled to the tiny model, arrivals from 0."""
+    rows = load_trace(path)
+    span = rows[-1].arrival_s
+    start = random.Random(seed).uniform(0, max(0.0, span - 600))
+    window = [r for r in rows if start <= r.arrival_s < start + 600]
+    scale = min(1.0, max_prompt / max(r.prompt_len for r in window))
+    return [
+        TraceRequest(
+            arrival_s=r.arrival_s - start,
+            prompt_len=max(1, round(r.prompt_len * scale)),
+            output_len=max(1, min(r.output_len, max_output)),
+        )
+        for r in window
+    ]
+
+
+def at_rate(requests: list[TraceRequest], *, rate_scale: float, duration_s: float) -> list[TraceRequest]:
+    """Arrivals divided by `rate_scale`, keeping those inside `duration_s`."""
+    scaled = [
+        TraceRequest(arrival_s=r.arrival_s / rate_scale, prompt_len=r.prompt_len, output_len=r.output_len)
+        for r in requests
+    ]
+    return [r for r in scaled if r.arrival_s < duration_s]
+
+
+class Bench:
+    """The cluster, plus a router replica per policy run on a private event loop thread."""
+
+    def __init__(self, args: argparse.Namespace, workdir: Path) -> None:
+        self.args = args
+        self.workdir = workdir
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="bench-router", daemon=True)
+        self._thread.start()
+
+    def start_cluster(self) -> None:
+        import ray
+
+        from control_plane.admin_client import AdminClient
+        from control_plane.cluster import start_control_plane
+        from control_plane.config import ControlPlaneConfig
+        from control_plane.spec import DeploymentSpec, EngineOptions, PoolSpec, Quota, TenantSpec
+        from workers.engine.tiny import make_tiny_model
+
+        model = self.workdir / "tiny-llama"
+        make_tiny_model("llama", model, seed=0, dtype="float32")
+        ray.init(
+            address="local",
+            num_cpus=self.args.num_cpus,
+            include_dashboard=False,
+            log_to_driver=False,
+            namespace="raylane",
+        )
+        config = ControlPlaneConfig(
+            state_dir=str(self.workdir / "state"), admin_port=0, router_port=0, num_routers=0, reconcile_interval_s=0.5
+        )
+        self.control_plane, info = start_control_plane(config, detached=False)
+        self.admin = AdminClient(info.admin_address)
+        self.admin.create_tenant(TenantSpec(name=TENANT, quota=Quota(max_concurrent=10_000, tokens_per_minute=10**9)))
+        _, self.api_key = self.admin.issue_key(TENANT)
+        engine = EngineOptions(kv_cache_bytes=4 << 20, max_num_batched_tokens=256, max_num_seqs=32)
+        pools = (PoolSpec(role="mixed", replicas=self.args.num_workers, num_cpus=1.0),)
+        self.admin.apply_deployment(DeploymentSpec(name=DEPLOYMENT, model=str(model), pools=pools, engine=engine))
+        deadline = time.monotonic() + 300
+        while self.admin.status().num_healthy_workers < self.args.num_workers:
+            if time.monotonic() > deadline:
+                raise TimeoutError("workers did not become healthy in 300 s")
+            time.sleep(0.5)
+        log(f"{self.args.num_workers} workers healthy")
+
+    def start_router(self, policy_name: str) -> tuple[Any, str]:
+        from router.registry import make_policy
+        from router.server import RouterConfig, RouterReplica
+
+        replica = RouterReplica(RouterConfig(host="127.0.0.1", port=0), self.control_plane)
+        replica.core.policy = make_policy(policy_name)
+        address = asyncio.run_coroutine_threadsafe(replica.start(), self.loop).result(timeout=60)
+        return replica, address
+
+    def stop_router(self, replica: Any) -> None:
+        asyncio.run_coroutine_threadsafe(replica.stop(), self.loop).result(timeout=60)
+
+    def worker_totals(self) -> dict[str, int]:
+        totals = {"preemptions": 0, "running": 0, "kv_blocks_used": 0}
+        for pool in self.admin.list_pools(DEPLOYMENT):
+            for w in pool.workers:
+                totals["running"] += w.num_running + w.num_waiting
+                totals["kv_blocks_used"] += w.kv_blocks_used
+        return totals
+
+    def preemptions(self) -> int:
+        import ray
+
+        from control_plane.pools import actor_name
+
+        total = 0
+        for pool in self.admin.list_pools(DEPLOYMENT):
+            for w in pool.workers:
+                handle = ray.get_actor(actor_name(w.worker_id), namespace="raylane")
+                total += ray.get(handle.stats.remote()).num_preemptions
+        return total
+
+    def wait_idle(self, timeout_s: float = 120.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            totals = self.worker_totals()
+            if totals["running"] == 0:
+                return
+            time.sleep(0.5)
+        log("warning: workers did not drain before the next policy")
+
+    def close(self) -> None:
+        import ray
+
+        from control_plane.cluster import stop_control_plane
+
+        try:
+            stop_control_plane()
+        finally:
+            ray.shutdown()
+            self.loop.call_soon_threadsafe(self.loop.stop)
+
+
+def replay_through(address: str, api_key: str, requests: list[TraceRequest], seed: int):
+    from router.replay import ReplayTarget, replay
+
+    target = ReplayTarget(deployment=DEPLOYMENT, api_key=api_key)
+    return asyncio.run(replay(address, [target], requests, vocab_size=512, seed=seed, timeout_s=300))
+
+
+def slo_report(records, *, ttft_ms: float, tpot_ms: float, duration_s: float) -> dict[str, Any]:
+    from router.replay import percentile
+
+    ok = [r for r in records if r.error is None]
+    met = [r for r in ok if r.ttft_ms <= ttft_ms and (r.tpot_ms is None or r.tpot_ms <= tpot_ms)]
+    ttfts = [r.ttft_ms for r in ok if r.ttft_ms is not None]
+    tpots = [r.tpot_ms for r in ok if r.tpot_ms is not None]
+    span = max((r.end_s or 0.0) for r in records) if records else duration_s
+
+    def p(values, q):
+        value = percentile(values, q)
+        return None if value is None else round(value, 1)
+
+    return {
+        "num_requests": len(records),
+        "num_errors": len(records) - len(ok),
+        "slo_attainment": round(len(met) / len(records), 4) if records else None,
+        "num_slo_violations": len(records) - len(met),
+        "goodput_rps": round(len(met) / span, 3) if span > 0 else 0.0,
+        "ttft_ms": {"p50": p(ttfts, 50), "p99": p(ttfts, 99)},
+        "tpot_ms": {"p50": p(tpots, 50), "p99": p(tpots, 99)},
+        "output_tokens_per_s": round(sum(r.num_output_tokens for r in ok) / span, 1) if span > 0 else 0.0,
+    }
+
+
+def calibrate(bench: Bench, window: list[TraceRequest], seed: int) -> dict[str, float]:
+    """Unloaded latency (sequential requests) and capacity (a saturating burst) of the cluster."""
+    from router.replay import percentile
+
+    replica, address = bench.start_router("least_outstanding")
+    try:
+        sample = window[:12]
+        sequential = [
+            TraceRequest(arrival_s=i * 1.0, prompt_len=r.prompt_len, output_len=r.output_len)
+            for i, r in enumerate(sample)
+        ]
+        records = replay_through(address, bench.api_key, sequential, seed)
+        ttft = percentile([r.ttft_ms for r in records if r.ttft_ms is not None], 50)
+        tpot = percentile([r.tpot_ms for r in records if r.tpot_ms is not None], 50)
+        burst = [TraceRequest(arrival_s=0.0, prompt_len=r.prompt_len, output_len=r.output_len) for r in window[:200]]
+        start = time.perf_counter()
+        records = replay_through(address, bench.api_key, burst, seed + 1)
+        elapsed = time.perf_counter() - start
+        capacity = sum(r.num_output_tokens for r in records if r.error is None) / elapsed
+    finally:
+        bench.stop_router(replica)
+    bench.wait_idle()
+    return {"unloaded_ttft_ms": ttft or 1.0, "unloaded_tpot_ms": tpot or 1.0, "capacity_output_tokens_per_s": capacity}
+
+
+def write_png(results: dict[str, list], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for name, records in results.items():
+        for ax, metric in zip(axes, ("ttft_ms", "tpot_ms"), strict=True):
+            values = sorted(v for r in records if r.error is None and (v := getattr(r, metric)) is not None)
+            if values:
+                ax.step(values, [(i + 1) / len(values) for i in range(len(values))], where="post", label=name)
+    for ax, title in zip(axes, ("TTFT", "TPOT"), strict=True):
+        ax.set_xscale("log")
+        ax.set_xlabel(f"{title} (ms, log scale)")
+        ax.set_ylabel("fraction of requests")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle("routing policies on one replayed trace window")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    policies = [p.strip() for p in args.policies.split(",") if p.strip()]
+    from router.registry import make_policy
+
+    for name in policies:
+        make_policy(name)  # fail fast on a typo
+    window = trace_window(
+        args.trace,
+        seed=args.seed,
+        duration_s=args.duration,
+        max_prompt=args.max_prompt_len,
+        max_output=args.max_output_len,
+    )
+    with tempfile.TemporaryDirectory(prefix="raylane-routing-") as tmp:
+        bench = Bench(args, Path(tmp))
+        try:
+            bench.start_cluster()
+            cal = calibrate(bench, window, args.seed)
+            offered_per_s = sum(r.output_len for r in window) / max(r.arrival_s for r in window)
+            rate_scale = args.load * cal["capacity_output_tokens_per_s"] / offered_per_s
+            requests = at_rate(window, rate_scale=rate_scale, duration_s=args.duration)
+            # Multiples of unloaded latency, loose enough for 2 cores shared by every worker and the client.
+            ttft_slo = args.ttft_slo_ms or 20 * cal["unloaded_ttft_ms"]
+            tpot_slo = args.tpot_slo_ms or 10 * cal["unloaded_tpot_ms"]
+            log(
+                f"capacity {cal['capacity_output_tokens_per_s']:.0f} out tok/s; rate x{rate_scale:.2f}: "
+                f"{len(requests)} requests in {args.duration:.0f}s; SLO TTFT {ttft_slo:.0f} ms, TPOT {tpot_slo:.1f} ms"
+            )
+            results, reports = {}, {}
+            for name in policies:
+                replica, address = bench.start_router(name)
+                before = bench.preemptions()
+                try:
+                    log(f"replaying through {name}")
+                    results[name] = replay_through(address, bench.api_key, requests, args.seed)
+                finally:
+                    bench.stop_router(replica)
+                bench.wait_idle()
+                reports[name] = slo_report(results[name], ttft_ms=ttft_slo, tpot_ms=tpot_slo, duration_s=args.duration)
+                reports[name]["preemptions"] = bench.preemptions() - before
+                log(f"{name}: {json.dumps(reports[name])}")
+        finally:
+            bench.close()
+    if args.png is not None:
+        write_png(results, args.png)
+    return summarize(args, cal, rate_scale, len(requests), ttft_slo, tpot_slo, reports)
+
+
+def summarize(args, cal, rate_scale, num_requests, ttft_slo, tpot_slo, reports) -> dict[str, Any]:
+    baselines = {name: r for name, r in reports.items() if name in BASELINES}
+    candidates = {name: r for name, r in reports.items() if name not in BASELINES}
+    comparison = {}
+    if baselines:
+        best_violations = min(r["num_slo_violations"] for r in baselines.values())
+        best_goodput = max(r["goodput_rps"] for r in baselines.values())
+        for name, r in candidates.items():
+            fewer = None if best_violations == 0 else 1 - r["num_slo_violations"] / best_violations
+            comparison[name] = {
+                "violation_reduction_vs_best_baseline": None if fewer is None else round(fewer, 3),
+                "goodput_ratio_vs_best_baseline": round(r["goodput_rps"] / best_goodput, 3) if best_goodput else None,
+                "target_met": fewer is not None
+                and fewer >= 0.25
+                and best_goodput > 0
+                and r["goodput_rps"] / best_goodput >= 1.2,
+            }
+    return {
+        "benchmark": "routing",
+        "trace": str(args.trace.name),
+        "seed": args.seed,
+        "duration_s": args.duration,
+        "num_workers": args.num_workers,
+        "num_requests": num_requests,
+        "load": args.load,
+        "rate_scale": round(rate_scale, 3),
+        "calibration": {k: round(v, 2) for k, v in cal.items()},
+        "slo": {"ttft_ms": round(ttft_slo, 1), "tpot_ms": round(tpot_slo, 2)},
+        "policies": reports,
+        "vs_best_baseline": comparison,
+        "target": "candidate has >= 25% fewer SLO violations and >= 1.2x goodput than the best baseline",
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    print(json.dumps(run(args)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
