@@ -7,13 +7,20 @@ Prefix caching: a FULL block whose KV has been computed is registered under the 
 `(parent_hash, block_token_ids, lora_id)`; its own hash, `hash(key)`, is the parent of the next
 block, so one key names a whole prefix. A block whose refcount drops to 0 keeps its key and stays
 findable until the free queue hands it out again (least recently freed first).
+
+Python's `hash` differs between processes (on 3.11 `hash(None)` is address-based), so those hashes
+never leave the worker. For the router, `stable_block_hash` chains a process-independent digest over
+the same blocks, keyed by adapter name instead of the worker-local `lora_id`, and
+`BlockPool.cached_block_hashes` publishes the cached prefixes under it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import struct
 from collections import Counter, OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 from workers.engine.request import Request
 
@@ -31,6 +38,41 @@ def block_key(parent_hash: int | None, token_ids: Sequence[int], lora_id: int) -
 def hash_block(parent_hash: int | None, token_ids: Sequence[int], lora_id: int) -> int:
     """Chained hash of a full block; the parent of the block after it."""
     return hash(block_key(parent_hash, token_ids, lora_id))
+
+
+def stable_block_hash(parent_hash: int | None, token_ids: Sequence[int], adapter: str | None) -> int:
+    """Process-independent chained hash (unsigned 64-bit) of a full block; the router recomputes it from tokens.
+
+    Same chaining as `hash_block`, but over a BLAKE2b digest, and the adapter is named (None: base model)
+    because `lora_id` is assigned per worker.
+    """
+    digest = hashlib.blake2b(digest_size=8)
+    # Distinct tags keep "no parent" from colliding with parent 0 and "base model" with an adapter named "".
+    digest.update(b"\x00" if parent_hash is None else b"\x01" + parent_hash.to_bytes(8, "little"))
+    if adapter is None:
+        digest.update(b"\x00")
+    else:
+        name = adapter.encode()
+        digest.update(b"\x01" + len(name).to_bytes(4, "little") + name)
+    digest.update(struct.pack(f"<{len(token_ids)}q", *token_ids))
+    return int.from_bytes(digest.digest(), "little")
+
+
+def prefix_block_hashes(
+    token_ids: Sequence[int], block_size: int, adapter: str | None = None, max_blocks: int | None = None
+) -> list[int]:
+    """`stable_block_hash` of each full block of `token_ids`, in order (at most `max_blocks` of them)."""
+    if block_size <= 0:
+        raise ValueError(f"block_size must be positive, got {block_size}")
+    num_blocks = len(token_ids) // block_size
+    if max_blocks is not None:
+        num_blocks = min(num_blocks, max(max_blocks, 0))
+    hashes: list[int] = []
+    parent: int | None = None
+    for i in range(num_blocks):
+        parent = stable_block_hash(parent, token_ids[i * block_size : (i + 1) * block_size], adapter)
+        hashes.append(parent)
+    return hashes
 
 
 def cdiv(a: int, b: int) -> int:
@@ -71,6 +113,29 @@ class BlockPool:
 
     def lookup(self, key: BlockKey) -> int | None:
         return self._cached.get(key)
+
+    def cached_block_hashes(self, limit: int, adapter_names: Mapping[int, str] | None = None) -> list[int]:
+        """`stable_block_hash` of up to `limit` cached blocks, those least likely to be evicted first.
+
+        Order: blocks held by requests (not evictable), then unused ones from the back of the free queue
+        (most recently freed). Only blocks a lookup can reach are listed: the whole chain before them is
+        cached, and their adapter is base (`lora_id` 0) or named in `adapter_names` (lora_id -> name).
+        """
+        if limit < 0:
+            raise ValueError(f"limit must be >= 0, got {limit}")
+        names = {0: None, **(adapter_names or {})}
+        by_hash = {hash(key): key for key in self._cached}
+        stable: dict[BlockKey, int | None] = {}
+        in_use = [b for b in self._cached.values() if self.ref_counts[b] > 0]
+        recently_freed = [b for b in reversed(self._free) if self._keys[b] is not None]
+        hashes: list[int] = []
+        for block_id in in_use + recently_freed:
+            if len(hashes) >= limit:
+                break
+            value = _stable_hash_of(self._keys[block_id], by_hash, names, stable)
+            if value is not None:
+                hashes.append(value)
+        return hashes
 
     def allocate(self, count: int) -> list[int]:
         """Take `count` blocks from the front of the free queue, dropping whatever they cached."""
@@ -116,6 +181,35 @@ class BlockPool:
             self._keys[block_id] = key
 
 
+def _stable_hash_of(
+    key: BlockKey | None,
+    by_hash: Mapping[int, BlockKey],
+    names: Mapping[int, str | None],
+    memo: dict[BlockKey, int | None],
+) -> int | None:
+    """Stable hash of a cached key, or None when its chain is broken or its adapter unnamed (memoized)."""
+    # Walk up to the root or a memoized ancestor iteratively: chains of long prompts run to thousands of blocks.
+    chain: list[BlockKey] = []
+    link = key
+    while link is not None and link not in memo:
+        chain.append(link)
+        parent = link[0]
+        if parent is None:
+            link = None
+        elif parent in by_hash:
+            link = by_hash[parent]
+        else:  # parent evicted: a lookup stops there, so nothing below it is reachable
+            memo.update(dict.fromkeys(chain))
+            return None
+    value = memo[link] if link is not None else None
+    is_broken = link is not None and value is None
+    for child in reversed(chain):
+        is_broken = is_broken or child[2] not in names
+        value = None if is_broken else stable_block_hash(value, child[1], names[child[2]])
+        memo[child] = value
+    return value
+
+
 class KVCacheManager:
     """Maps requests to block lists and keeps the prefix cache consistent with what was computed.
 
@@ -155,6 +249,12 @@ class KVCacheManager:
     @property
     def num_evictions(self) -> int:
         return self.pool.num_evictions
+
+    def cached_block_hashes(self, limit: int, adapter_names: Mapping[int, str] | None = None) -> list[int]:
+        """The prefix-cache summary the worker publishes: see `BlockPool.cached_block_hashes`."""
+        if not self.enable_prefix_caching:
+            return []
+        return self.pool.cached_block_hashes(limit, adapter_names)
 
     def get_block_ids(self, request_id: str) -> list[int]:
         """A copy of the request's block table (empty when it holds none)."""

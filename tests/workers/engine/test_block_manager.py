@@ -2,9 +2,19 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 
-from workers.engine.block_manager import BlockPool, KVCacheManager, block_key, hash_block
+from workers.engine.block_manager import (
+    BlockPool,
+    KVCacheManager,
+    block_key,
+    hash_block,
+    prefix_block_hashes,
+    stable_block_hash,
+)
 from workers.engine.request import Request
 from workers.engine.sampling_params import SamplingParams
 
@@ -195,3 +205,59 @@ def test_revived_cached_blocks_count_against_free_blocks():
     assert kv.num_blocks_to_allocate(b, b.num_tokens, prefix) == 4
     assert not kv.allocate(b, b.num_tokens, prefix)
     assert kv.num_free_blocks == 3 and kv.num_cached_blocks == 2
+
+
+# ---- process-independent summaries for the router ------------------------------------------------------------
+
+
+def test_stable_hash_is_chained_and_names_the_adapter():
+    first = stable_block_hash(None, [1, 2, 3, 4], None)
+    assert first == stable_block_hash(None, (1, 2, 3, 4), None)
+    assert stable_block_hash(first, [5, 6, 7, 8], None) != stable_block_hash(None, [5, 6, 7, 8], None)
+    assert stable_block_hash(None, [1, 2, 3, 4], "sql") != first
+    assert stable_block_hash(None, [1, 2, 3, 4], "") != first
+    assert 0 <= first < 2**64
+    assert prefix_block_hashes([1, 2, 3, 4, 5, 6, 7, 8, 9], BS) == [first, stable_block_hash(first, [5, 6, 7, 8], None)]
+    assert prefix_block_hashes(list(range(9)), BS, max_blocks=1) == prefix_block_hashes(list(range(4)), BS)
+
+
+def test_stable_hash_is_the_same_in_another_process():
+    code = "from workers.engine.block_manager import prefix_block_hashes as p; print(p(list(range(12)), 4, 'a'))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == str(prefix_block_hashes(list(range(12)), 4, "a"))
+
+
+def test_cached_block_hashes_lists_what_a_lookup_can_reach_most_recent_first():
+    kv = _kv(8)
+    tokens_a, tokens_b = list(range(100, 108)), list(range(200, 208))
+    _compute_all(kv, _req("a", [*tokens_a, 1]))
+    _compute_all(kv, _req("b", [*tokens_b, 1]))
+    hashes_a, hashes_b = prefix_block_hashes(tokens_a, BS), prefix_block_hashes(tokens_b, BS)
+    assert set(kv.cached_block_hashes(100)) == {*hashes_a, *hashes_b}
+    kv.free("a")  # a's blocks are now evictable; b's are held, so they come first
+    assert kv.cached_block_hashes(2) == hashes_b
+    kv.free("b")  # freed tail first: b's first block is now the most recently freed
+    assert kv.cached_block_hashes(1) == hashes_b[:1]
+    assert kv.cached_block_hashes(0) == []
+
+
+def test_cached_block_hashes_skips_broken_chains_and_unnamed_adapters():
+    kv = _kv(3)
+    _compute_all(kv, _req("a", list(range(9))))  # 3 blocks, two of them full and cached
+    kv.free("a")  # tail first: block 0 is the most recently freed, so block 1 (its child) is evicted before it
+    kv.allocate(_req("x", [7] * 4), 4)  # takes the uncached third block
+    kv.allocate(_req("y", [7] * 4), 4)  # evicts the child
+    assert kv.cached_block_hashes(10) == prefix_block_hashes(list(range(4)), BS)
+    lora = _kv(4)
+    _compute_all(lora, _req("l", list(range(5)), lora_id=3))
+    assert lora.cached_block_hashes(10) == []
+    assert lora.cached_block_hashes(10, {3: "sql"}) == prefix_block_hashes(list(range(4)), BS, "sql")
+    assert _kv(4, caching=False).cached_block_hashes(10) == []
+    with pytest.raises(ValueError, match="limit"):
+        kv.cached_block_hashes(-1)
+
+
+def test_cached_block_hashes_handles_long_chains_without_recursion():
+    kv = KVCacheManager(num_blocks=3000, block_size=1, enable_prefix_caching=True)
+    _compute_all(kv, _req("long", list(range(2501))))
+    assert kv.cached_block_hashes(5000)[-1] == prefix_block_hashes(list(range(2501)), 1)[-1]

@@ -1,0 +1,237 @@
+"""Prefix-cache-aware routing: send a request where its prompt's leading KV blocks are already cached.
+
+Workers publish a `PrefixSummary`: the exact set of the stable hashes of their most recently used cached
+blocks (`KVCacheManager.cached_block_hashes(limit)`). The router hashes the request's prompt with the same
+chained function (`prefix_block_hashes`) and counts the leading blocks a worker holds.
+
+Why an exact recent-N set and not a Bloom filter: a false hit sends a request to a worker that then runs the
+full prefill, possibly on the busier worker, so exact membership is worth 64 bits a hash; N bounds the size
+(4096 hashes = 32 KiB a worker), and taking the blocks least likely to be evicted keeps the summary honest
+for the interval until the next report. A Bloom filter (~10 bits a hash at 1% false hits) becomes worth it
+only for summaries far larger than that.
+
+The benefit is bounded by load: a worker whose load exceeds the pool's least load by more than
+`max_load_gap` gets no credit for its cache, so a hot prefix cannot pile every request onto one worker.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import struct
+from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass
+
+from router.policy import (
+    ClusterView,
+    Decision,
+    RouteRequest,
+    WorkerView,
+    load_score,
+    log_decision,
+    place_by_role,
+)
+from workers.engine.block_manager import prefix_block_hashes
+
+logger = logging.getLogger(__name__)
+
+PoolProvider = Callable[[RouteRequest, WorkerView], Sequence[WorkerView]]
+"""The healthy workers competing with `worker` for `request` (its deployment and role), `worker` included."""
+
+SummaryProvider = Callable[[str], "PrefixSummary | None"]
+"""Worker id -> its latest published prefix summary, or None when it has not reported one."""
+
+TokenProvider = Callable[[RouteRequest], "Sequence[int] | None"]
+"""The request's prompt token ids, or None when the router has only text (no affinity then)."""
+
+_MAGIC = b"RLPS"
+_HEADER = struct.Struct("<4sBII")  # magic, version, block_size, number of hashes
+_VERSION = 1
+
+
+def pool_from_view(get_view: Callable[[], ClusterView]) -> PoolProvider:
+    """A `PoolProvider` reading the router's latest `ClusterView` (a scorer sees one worker at a time)."""
+
+    def pool(request: RouteRequest, worker: WorkerView) -> Sequence[WorkerView]:
+        return get_view().candidates(worker.deployment, worker.role)
+
+    return pool
+
+
+@dataclass(kw_only=True, frozen=True)
+class PrefixSummary:
+    """What one worker's prefix cache holds, as the router sees it."""
+
+    block_size: int
+    """Tokens per KV block on that worker; the router hashes prompts with the same block size."""
+    hashes: frozenset[int]
+    """`stable_block_hash` of cached blocks every lookup can reach (unsigned 64-bit)."""
+
+    def __post_init__(self) -> None:
+        if self.block_size <= 0:
+            raise ValueError(f"block_size must be positive, got {self.block_size}")
+
+    @classmethod
+    def from_hashes(cls, block_size: int, hashes: Collection[int]) -> PrefixSummary:
+        return cls(block_size=block_size, hashes=frozenset(hashes))
+
+    def to_bytes(self) -> bytes:
+        """Compact wire form: a 13-byte header, then 8 bytes a hash (sorted, so equal summaries encode alike)."""
+        ordered = sorted(self.hashes)
+        header = _HEADER.pack(_MAGIC, _VERSION, self.block_size, len(ordered))
+        return header + struct.pack(f"<{len(ordered)}Q", *ordered)
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> PrefixSummary:
+        if len(data) < _HEADER.size:
+            raise ValueError(f"prefix summary too short: {len(data)} bytes")
+        magic, version, block_size, count = _HEADER.unpack_from(data)
+        if magic != _MAGIC or version != _VERSION:
+            raise ValueError(f"not a version-{_VERSION} prefix summary (magic {magic!r}, version {version})")
+        if len(data) != _HEADER.size + 8 * count:
+            raise ValueError(f"prefix summary says {count} hashes but carries {len(data) - _HEADER.size} bytes")
+        return cls(block_size=block_size, hashes=frozenset(struct.unpack_from(f"<{count}Q", data, _HEADER.size)))
+
+
+@dataclass(kw_only=True, frozen=True)
+class PrefixAffinityConfig:
+    """How much a cached prefix counts against load."""
+
+    max_load_gap: float = 2.0
+    """A worker whose `load_score` exceeds the pool's least by more than this gets no cache credit; >= 0."""
+    min_match_blocks: int = 1
+    """Matches shorter than this many blocks count as no match (a one-block hit saves little); >= 1."""
+    max_request_blocks: int = 8192
+    """Hash at most this many leading blocks of a prompt, to bound the router's work per request; >= 1."""
+    summary_limit: int = 4096
+    """Hashes a worker publishes (`cached_block_hashes(limit)`); 8 bytes each on the wire; >= 1."""
+
+    def __post_init__(self) -> None:
+        if not math.isfinite(self.max_load_gap) or self.max_load_gap < 0:
+            raise ValueError(f"max_load_gap must be finite and >= 0, got {self.max_load_gap}")
+        for name in ("min_match_blocks", "max_request_blocks", "summary_limit"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+def longest_prefix_match(request_hashes: Sequence[int], cached: Collection[int]) -> int:
+    """How many leading blocks of the request are in `cached` (chained hashes: the first miss ends the prefix)."""
+    for i, block_hash in enumerate(request_hashes):
+        if block_hash not in cached:
+            return i
+    return len(request_hashes)
+
+
+def bounded_miss(
+    num_matched: int, num_blocks: int, load: float, min_load: float, config: PrefixAffinityConfig
+) -> float:
+    """Fraction of the request's blocks the worker must compute, in [0, 1]; 1 when load voids the credit."""
+    if num_blocks == 0:
+        return 0.0  # nothing cacheable: every worker is alike
+    if num_matched < config.min_match_blocks or load - min_load > config.max_load_gap:
+        return 1.0
+    return 1.0 - num_matched / num_blocks
+
+
+class PrefixAffinityScorer:
+    """`Scorer`: the share of the prompt's cacheable blocks the worker would have to prefill (0 = all cached).
+
+    Workers more than `max_load_gap` above their pool's least load score 1, as if they held nothing. Weight
+    it in a `WeightedPolicy` by how many queued requests a whole-prompt hit is worth. `pool=None` drops the
+    load bound (only for callers that bound load themselves, as `PrefixAffinityPolicy` does).
+    """
+
+    name = "prefix"
+
+    def __init__(
+        self,
+        config: PrefixAffinityConfig | None = None,
+        *,
+        summaries: SummaryProvider,
+        prompt_tokens: TokenProvider,
+        pool: PoolProvider | None,
+    ) -> None:
+        self.config = config or PrefixAffinityConfig()
+        self.summaries = summaries
+        self.prompt_tokens = prompt_tokens
+        self.pool = pool
+        self._init_memo()
+
+    def _init_memo(self) -> None:
+        # One request is scored against every candidate in turn; hash its prompt once per block size.
+        self._memo_key: tuple[str, int] | None = None
+        self._memo_hashes: list[int] = []
+
+    def score(self, request: RouteRequest, worker: WorkerView) -> float:
+        pool = self.pool(request, worker) if self.pool is not None else ()
+        min_load = min((load_score(w) for w in pool), default=load_score(worker))
+        return self.miss(request, worker, min_load)
+
+    def miss(self, request: RouteRequest, worker: WorkerView, min_load: float) -> float:
+        """`bounded_miss` of `request` on `worker`, given the least load of its pool."""
+        summary = self.summaries(worker.worker_id)
+        if summary is None:
+            # Same value as a worker holding nothing, so a silent worker is neither favoured nor shunned.
+            return 0.0 if not self.prompt_tokens(request) else 1.0
+        hashes = self.request_hashes(request, summary.block_size)
+        num_matched = longest_prefix_match(hashes, summary.hashes)
+        return bounded_miss(num_matched, len(hashes), load_score(worker), min_load, self.config)
+
+    def request_hashes(self, request: RouteRequest, block_size: int) -> list[int]:
+        """Stable hashes of the prompt blocks a worker could serve from cache."""
+        key = (request.request_id, block_size)
+        if key != self._memo_key:
+            tokens = self.prompt_tokens(request) or ()
+            self._memo_hashes = cacheable_prefix_hashes(tokens, block_size, request.adapter, self.config)
+            self._memo_key = key
+        return self._memo_hashes
+
+
+def cacheable_prefix_hashes(
+    tokens: Sequence[int], block_size: int, adapter: str | None, config: PrefixAffinityConfig
+) -> list[int]:
+    """Hashes of the full blocks the engine would look up: it always computes the prompt's last token itself."""
+    num_cacheable = max(len(tokens) - 1, 0)
+    return prefix_block_hashes(tokens[:num_cacheable], block_size, adapter, max_blocks=config.max_request_blocks)
+
+
+class PrefixAffinityPolicy:
+    """`Policy`: least `load + affinity_weight * bounded_miss` on prefill and mixed pools; least loaded on decode.
+
+    Pure given the summaries: the pool's least load comes from the candidates themselves, no provider needed.
+    """
+
+    name = "prefix_affinity"
+
+    def __init__(
+        self,
+        config: PrefixAffinityConfig | None = None,
+        *,
+        summaries: SummaryProvider,
+        prompt_tokens: TokenProvider,
+        affinity_weight: float = 4.0,
+    ) -> None:
+        if not math.isfinite(affinity_weight) or affinity_weight < 0:
+            raise ValueError(f"affinity_weight must be finite and >= 0, got {affinity_weight}")
+        self.config = config or PrefixAffinityConfig()
+        self.affinity_weight = affinity_weight
+        self.scorer = PrefixAffinityScorer(self.config, summaries=summaries, prompt_tokens=prompt_tokens, pool=None)
+
+    def route(self, request: RouteRequest, view: ClusterView) -> Decision:
+        decision = place_by_role(request, view, self._pick, policy=self.name)
+        log_decision(self.name, request, decision)
+        return decision
+
+    def _pick(
+        self, request: RouteRequest, candidates: Sequence[WorkerView], role: str
+    ) -> tuple[WorkerView, dict[str, float]]:
+        loads = {w.worker_id: load_score(w) for w in candidates}
+        if role == "decode":
+            scores = loads  # the prefill worker hands its KV over, so decode placement ignores the prefix
+        else:
+            min_load = min(loads.values())
+            scores = {
+                w.worker_id: loads[w.worker_id] + self.affinity_weight * self.scorer.miss(request, w, min_load)
+                for w in candidates
+            }
+        return min(candidates, key=lambda w: (scores[w.worker_id], w.worker_id)), scores
