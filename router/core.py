@@ -7,6 +7,7 @@ cluster view and the worker clients (from Ray in production, in-process in tests
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import time
 import uuid
@@ -16,6 +17,7 @@ from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Protocol
 
+from router.admission import AdmissionController
 from router.dispatch import WorkerClient, run_placed
 from router.errors import (
     InvalidArgument,
@@ -25,8 +27,9 @@ from router.errors import (
     Unauthenticated,
     Unavailable,
 )
+from router.kv_forecast import KvLedger
 from router.length_predictor import LengthPredictor, prompt_features
-from router.policy import ClusterView, LeastLoadedPolicy, NoCapacityError, Policy, RouteRequest
+from router.policy import ClusterView, Decision, LeastLoadedPolicy, NoCapacityError, Policy, RouteRequest
 from router.quota import QuotaExceededError, QuotaTracker
 from router.table import RoutingTable
 from workers.engine.errors import InvalidRequestError
@@ -86,12 +89,18 @@ class RouterCore:
         policy: Policy | None = None,
         quotas: QuotaTracker | None = None,
         predictor: LengthPredictor | None = None,
+        admission: AdmissionController | None = None,
     ):
         self.directory = directory
         self.policy = policy or LeastLoadedPolicy()
         self.quotas = quotas or QuotaTracker()
         self.predictor = predictor
+        # None places at once wherever the policy says, as before predictive admission existed.
+        self.admission = admission
         self._inflight: Counter[str] = Counter()
+        # Always kept (cheap): it feeds `WorkerView.kv_ledger`, which length-aware scorers read.
+        self.kv_ledger = KvLedger()
+        self._ledger_keys = itertools.count()
         self._last_forced_refresh = 0.0
 
     def authenticate(self, api_key: str | None) -> str:
@@ -169,8 +178,10 @@ class RouterCore:
         except QuotaExceededError as exc:
             raise ResourceExhausted(str(exc), retry_after_s=exc.retry_after_s) from None
         used_tokens = route.num_prompt_tokens_estimate
+        # One key per attempt: clients may reuse a request id, the ledger must not mix two attempts.
+        ledger_key = f"{route.request_id}#{next(self._ledger_keys)}"
         try:
-            decision = self._place(route)
+            decision = await self._place_admitted(route, ledger_key)
             placed = [w for w in (decision.worker_id, decision.prefill_worker_id) if w]
             self._inflight.update(placed)
             try:
@@ -179,6 +190,11 @@ class RouterCore:
                     async for chunk in _translate_errors(stream):
                         used_tokens += len(chunk.token_ids)
                         num_output_tokens += len(chunk.token_ids)
+                        self.kv_ledger.record_tokens(
+                            ledger_key, len(chunk.token_ids), num_prompt_tokens=chunk.num_prompt_tokens
+                        )
+                        if chunk.finished:
+                            self._release_kv(ledger_key)  # before the client reads it: waiters go sooner
                         if chunk.finished and chunk.finish_reason in ("stop", "length") and self.predictor:
                             # Only complete generations teach the predictor; aborted lengths are unknown.
                             self.predictor.observe(route, num_output_tokens, features)
@@ -186,6 +202,7 @@ class RouterCore:
             finally:
                 self._inflight.subtract(placed)
         finally:
+            self._release_kv(ledger_key)  # cancel, deadline, worker error, or a placement that never ran
             self.quotas.release(reservation, limits, used_tokens)
 
     async def _admit_fresh(self, api_key: str | None, inp: GenerateInput) -> tuple[str, GenerateCall, RouteRequest]:
@@ -208,15 +225,50 @@ class RouterCore:
         tenant = self.authenticate(api_key)
         return (tenant, *self.prepare(tenant, inp))
 
-    def _place(self, route: RouteRequest):
-        view = self.directory.view()
-        if self._inflight:
-            view = ClusterView(
-                workers={
-                    dep: [dataclasses.replace(w, num_inflight=self._inflight[w.worker_id]) for w in workers]
-                    for dep, workers in view.workers.items()
-                }
+    def _place(self, route: RouteRequest) -> Decision:
+        return self._route(route, self._view())
+
+    async def _place_admitted(self, route: RouteRequest, ledger_key: str) -> Decision:
+        """Place `route` (through admission when configured) and start tracking it in the KV ledger."""
+
+        def place(view: ClusterView) -> Decision:
+            decision = self._route(route, view)
+            self.kv_ledger.place(
+                ledger_key,
+                worker_id=decision.worker_id,
+                num_prompt_tokens=route.num_prompt_tokens_estimate,
+                max_tokens=route.max_tokens,
+                predicted_output_p50=route.predicted_output_p50,
+                predicted_output_p90=route.predicted_output_p90,
             )
+            return decision
+
+        if self.admission is None:
+            return place(self._view())
+        return await self.admission.admit(route, view=self._view, place=place)
+
+    def _release_kv(self, ledger_key: str) -> None:
+        if self.kv_ledger.finish(ledger_key) and self.admission is not None:
+            self.admission.notify_capacity_freed()
+
+    def _view(self) -> ClusterView:
+        """The directory's view with what only this router knows: its in-flight counts and its KV ledger."""
+        view = self.directory.view()
+        if not self._inflight and not len(self.kv_ledger):
+            return view
+        return ClusterView(
+            workers={
+                dep: [
+                    dataclasses.replace(
+                        w, num_inflight=self._inflight[w.worker_id], kv_ledger=self.kv_ledger.snapshot(w.worker_id)
+                    )
+                    for w in workers
+                ]
+                for dep, workers in view.workers.items()
+            }
+        )
+
+    def _route(self, route: RouteRequest, view: ClusterView) -> Decision:
         try:
             return self.policy.route(route, view)
         except NoCapacityError as exc:

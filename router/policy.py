@@ -14,7 +14,13 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from router.kv_forecast import EMPTY_SNAPSHOT, WorkerKvSnapshot, predicted_remaining_tokens
+
 logger = logging.getLogger(__name__)
+
+
+DEFAULT_KV_BLOCK_SIZE = 16
+"""The engine's default tokens per KV block (`EngineConfig.block_size`)."""
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -41,6 +47,16 @@ class WorkerView:
     """LoRA adapters resident on it."""
     num_inflight: int = 0
     """Requests this router sent it that have not finished (fresher than its stats)."""
+    kv_blocks_used: int = 0
+    """KV blocks its requests held at its last report (prefix-cached blocks nobody holds count as free)."""
+    kv_bytes_per_block: int = 0
+    """Bytes of K and V one block holds across all layers (0: unknown)."""
+    kv_block_size: int = DEFAULT_KV_BLOCK_SIZE
+    """Tokens per KV block. Workers do not report it yet, so this is the engine's default."""
+    output_tokens_per_s: float = 0.0
+    """Tokens it generated per second over its recent window, all requests together (0: unknown)."""
+    kv_ledger: WorkerKvSnapshot | None = None
+    """This router's running requests on it, with their predicted lengths (None: not tracked)."""
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -232,6 +248,45 @@ class KvPressureScorer:
 
     def score(self, request: RouteRequest, worker: WorkerView) -> float:
         return worker.kv_usage
+
+
+def predicted_peak_kv_blocks(request: RouteRequest, worker: WorkerView, *, use_p90: bool = False) -> int:
+    """The peak KV (blocks) `worker` is forecast to hold if `request` joined its running batch now.
+
+    The forecast covers the requests this router tracks there plus `request` (prompt + predicted output);
+    blocks the worker reported that the ledger does not explain (other routers, stats lag) stay held.
+    """
+    snapshot = worker.kv_ledger or EMPTY_SNAPSHOT
+    block_size = max(worker.kv_block_size, 1)
+    untracked = max(worker.kv_blocks_used - snapshot.current_blocks(block_size), 0)
+    remaining = predicted_remaining_tokens(
+        num_generated=0,
+        max_tokens=request.max_tokens,
+        p50=request.predicted_output_p50,
+        p90=request.predicted_output_p90,
+        use_p90=use_p90,
+    )
+    forecast = snapshot.forecast(use_p90=use_p90, block_size=block_size)
+    return untracked + forecast.peak_blocks_with(request.num_prompt_tokens_estimate, remaining)
+
+
+@dataclass(kw_only=True, frozen=True)
+class PredictedKvScorer:
+    """Forecast peak KV occupancy (fraction of the pool) with the request added: length-aware balancing.
+
+    Balances on the KV the running batches will still grow into, not on request counts: ten requests about
+    to finish weigh less than two that will run for thousands of tokens. 0 when the pool size is unknown.
+    """
+
+    use_p90: bool = False
+    """Forecast with the p90 output lengths (cautious) instead of the p50 (expected)."""
+    name: str = "predicted_kv"
+    """Scorer name in the policy's breakdown; unique within a policy."""
+
+    def score(self, request: RouteRequest, worker: WorkerView) -> float:
+        if worker.kv_blocks_total <= 0:
+            return 0.0
+        return predicted_peak_kv_blocks(request, worker, use_p90=self.use_p90) / worker.kv_blocks_total
 
 
 class AdapterAffinityScorer:

@@ -154,6 +154,9 @@ class RayDirectory:
                     num_waiting=stats.num_waiting,
                     kv_usage=stats.kv_usage,
                     kv_blocks_total=stats.kv_blocks_total,
+                    kv_blocks_used=stats.kv_blocks_used,
+                    kv_bytes_per_block=stats.kv_bytes_per_block,
+                    output_tokens_per_s=stats.output_tokens_per_s,
                     adapters=frozenset(stats.adapters),
                 )
             workers.setdefault(entry.deployment, []).append(view)
