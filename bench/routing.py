@@ -54,12 +54,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0, help="seeds the trace window and the prompts")
     parser.add_argument(
         "--policies",
-        default="round_robin,least_outstanding,p2c,weighted",
+        default="round_robin,least_outstanding,p2c,raylane",
         help="comma list from router/registry.py; the first three are the baselines",
     )
     parser.add_argument("--num-workers", type=int, default=4, help="mixed workers (default 4)")
     parser.add_argument("--load", type=float, default=0.8, help="offered load as a fraction of capacity (default 0.8)")
     parser.add_argument("--max-prompt-len", type=int, default=384, help="longest scaled prompt (tiny context: 512)")
+    parser.add_argument(
+        "--kv-cache-mib", type=float, default=1.0, help="KV pool per worker (default 1 MiB = 2048 tiny-Llama tokens)"
+    )
     parser.add_argument("--max-output-len", type=int, default=96, help="cap on output lengths")
     parser.add_argument("--ttft-slo-ms", type=float, default=None, help="default: 20x the unloaded TTFT p50")
     parser.add_argument("--tpot-slo-ms", type=float, default=None, help="default: 10x the unloaded TPOT p50")
@@ -132,7 +135,9 @@ class Bench:
         self.admin = AdminClient(info.admin_address)
         self.admin.create_tenant(TenantSpec(name=TENANT, quota=Quota(max_concurrent=10_000, tokens_per_minute=10**9)))
         _, self.api_key = self.admin.issue_key(TENANT)
-        engine = EngineOptions(kv_cache_bytes=4 << 20, max_num_batched_tokens=256, max_num_seqs=32)
+        # A small KV pool, so placement that ignores KV demand pays in preemptions (as on a loaded GPU).
+        kv_bytes = int(self.args.kv_cache_mib * (1 << 20))
+        engine = EngineOptions(kv_cache_bytes=kv_bytes, max_num_batched_tokens=256, max_num_seqs=32)
         pools = (PoolSpec(role="mixed", replicas=self.args.num_workers, num_cpus=1.0),)
         self.admin.apply_deployment(DeploymentSpec(name=DEPLOYMENT, model=str(model), pools=pools, engine=engine))
         deadline = time.monotonic() + 300
@@ -143,11 +148,11 @@ class Bench:
         log(f"{self.args.num_workers} workers healthy")
 
     def start_router(self, policy_name: str) -> tuple[Any, str]:
-        from router.registry import make_policy
         from router.server import RouterConfig, RouterReplica
 
-        replica = RouterReplica(RouterConfig(host="127.0.0.1", port=0), self.control_plane)
-        replica.core.policy = make_policy(policy_name)
+        # The full policy brings its admission control; baselines place every request at once.
+        config = RouterConfig(host="127.0.0.1", port=0, policy=policy_name, admission=policy_name == "raylane")
+        replica = RouterReplica(config, self.control_plane)
         address = asyncio.run_coroutine_threadsafe(replica.start(), self.loop).result(timeout=60)
         return replica, address
 
@@ -349,6 +354,7 @@ def summarize(args, cal, rate_scale, num_requests, ttft_slo, tpot_slo, reports) 
         "num_workers": args.num_workers,
         "num_requests": num_requests,
         "load": args.load,
+        "kv_cache_mib_per_worker": args.kv_cache_mib,
         "rate_scale": round(rate_scale, 3),
         "calibration": {k: round(v, 2) for k, v in cal.items()},
         "slo": {"ttft_ms": round(ttft_slo, 1), "tpot_ms": round(tpot_slo, 2)},

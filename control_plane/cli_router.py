@@ -22,6 +22,12 @@ def serve(
     port: Annotated[int, typer.Option(help="gRPC port (the CLI's and the chart's default is 50051).")] = 50051,
     wait_for_ray: Annotated[float, typer.Option(help="Seconds to wait for Ray and the control plane.")] = 0,
     grace: Annotated[float, typer.Option(help="Seconds in-flight requests get to finish on SIGTERM.")] = 10.0,
+    policy: Annotated[str, typer.Option(help="Routing policy (router/registry.py); `raylane` is the full one.")] = (
+        "least_loaded"
+    ),
+    admission: Annotated[
+        bool, typer.Option("--admission/--no-admission", help="Queue requests whose KV forecast would overflow.")
+    ] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log every routing decision.")] = False,
 ) -> None:
     """Serve the Router gRPC API from this process until SIGTERM/SIGINT, fed by the cluster's control plane.
@@ -34,7 +40,7 @@ def serve(
 
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, stream=sys.stderr)
     try:
-        config = RouterConfig(host=host, port=port)
+        config = RouterConfig(host=host, port=port, policy=policy, admission=admission)
         connect_ray(address, wait_s=wait_for_ray)
         control_plane = wait_for_control_plane(wait_for_ray)
     except (ValueError, ConnectionError, ClusterNotRunningError) as exc:

@@ -35,6 +35,10 @@ class ControlPlaneConfig:
     e.g. the Helm chart's router Deployment)."""
     reconcile_interval_s: float = 1.0
     """Pause between reconcile passes."""
+    router_policy: str = "least_loaded"
+    """Routing policy of the routers the control plane starts (names in router/registry.py)."""
+    router_admission: bool = False
+    """Predictive KV admission in those routers (queue instead of overflowing a worker's KV)."""
 
     def __post_init__(self) -> None:
         # Absolute now, in the caller's directory: the actor that uses it runs elsewhere.

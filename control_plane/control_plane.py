@@ -83,7 +83,12 @@ class ControlPlane:
         me = ray.get_runtime_context().current_actor
         for i in range(self.config.num_routers):
             port = self.config.router_port + i if self.config.router_port else 0
-            config = RouterConfig(host=self.config.router_host, port=port)
+            config = RouterConfig(
+                host=self.config.router_host,
+                port=port,
+                policy=self.config.router_policy,
+                admission=self.config.router_admission,
+            )
             self._routers.append(RouterActor.options(name=f"raylane:router:{i}").remote(config, me))
         return list(await asyncio.gather(*(r.start.remote() for r in self._routers)))
 

@@ -11,6 +11,7 @@ from router.policy import (
     LeastLoadedPolicy,
     LoadScorer,
     Policy,
+    PredictedKvScorer,
     WeightedPolicy,
     WeightedTerm,
 )
@@ -26,12 +27,23 @@ def _weighted() -> Policy:
     return WeightedPolicy(terms, name="weighted")
 
 
+def _raylane() -> Policy:
+    # Predicted KV demand (length-aware: predicted output x KV per token) leads; load and adapter residency follow.
+    terms = (
+        WeightedTerm(scorer=PredictedKvScorer(), weight=4.0),
+        WeightedTerm(scorer=LoadScorer(), weight=0.5),
+        WeightedTerm(scorer=AdapterAffinityScorer(), weight=0.5),
+    )
+    return WeightedPolicy(terms, name="raylane")
+
+
 POLICIES: dict[str, Callable[[], Policy]] = {
     "round_robin": RoundRobinPolicy,
     "least_outstanding": LeastOutstandingPolicy,
     "p2c": lambda: PowerOfTwoPolicy(seed=0),
     "least_loaded": LeastLoadedPolicy,
     "weighted": _weighted,
+    "raylane": _raylane,
 }
 """Every policy a router can run; baselines are kept for comparison (bench/routing.py)."""
 

@@ -18,11 +18,13 @@ from typing import Any
 import grpc
 import ray
 
+from router.admission import AdmissionConfig, AdmissionController
 from router.core import RouterCore
 from router.dispatch import WorkerClient
 from router.errors import InvalidArgument, Unavailable
 from router.length_predictor import LengthPredictor
 from router.policy import ClusterView, WorkerView
+from router.registry import DEFAULT_POLICY, make_policy
 from router.servicer import RouterServicer, start_router_server
 from router.table import RoutingTable
 from workers.messages import GenerateCall, PrefillResult, TokenChunk, WorkerStats
@@ -47,8 +49,13 @@ class RouterConfig:
     """How often every worker's load is pulled; placement reads stats at most this old."""
     stats_timeout_s: float = 2.0
     """A worker whose stats call takes longer is treated as unhealthy until it answers again."""
+    policy: str = DEFAULT_POLICY
+    """Routing policy by name (router/registry.py); `raylane` is the full length- and KV-aware one."""
+    admission: bool = False
+    """Predictive admission: queue a request rather than place it where its KV forecast would overflow."""
 
     def __post_init__(self) -> None:
+        make_policy(self.policy)  # a typo fails here, at startup, with the list of names
         if not 0 <= self.port < 65536:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
         if self.table_refresh_s <= 0 or self.stats_refresh_s <= 0 or self.stats_timeout_s <= 0:
@@ -156,6 +163,7 @@ class RayDirectory:
                     kv_blocks_total=stats.kv_blocks_total,
                     kv_blocks_used=stats.kv_blocks_used,
                     kv_bytes_per_block=stats.kv_bytes_per_block,
+                    kv_block_size=stats.kv_block_size,
                     output_tokens_per_s=stats.output_tokens_per_s,
                     adapters=frozenset(stats.adapters),
                 )
@@ -245,7 +253,12 @@ class RouterReplica:
         self.config = config
         self.directory = RayDirectory(config, control_plane)
         # Learns output lengths from this replica's completed requests (persistence: next step of issue 5).
-        self.core = RouterCore(self.directory, predictor=LengthPredictor())
+        self.core = RouterCore(
+            self.directory,
+            policy=make_policy(config.policy),
+            predictor=LengthPredictor(),
+            admission=AdmissionController(AdmissionConfig()) if config.admission else None,
+        )
         self._server: grpc.aio.Server | None = None
         self.address = ""
 

@@ -135,6 +135,7 @@ class LLMWorker:
             adapters=list(stats.lora_adapters),
             expert_counts=dict(stats.expert_counts),
             kv_bytes_per_block=self.kv_bytes_per_block,
+            kv_block_size=self.config.engine.block_size,
         )
 
     # ---- serving ------------------------------------------------------------------------------

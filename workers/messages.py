@@ -110,6 +110,8 @@ class WorkerStats:
     """MoE layer index -> tokens routed to each expert since start (empty for dense models)."""
     kv_bytes_per_block: int
     """Bytes of K and V one block holds across all layers; sizes a KV handoff."""
+    kv_block_size: int = 16
+    """Tokens per KV block (the engine's `block_size`); turns token forecasts into blocks."""
 
 
 @dataclass(kw_only=True, frozen=True)
