@@ -100,7 +100,8 @@ def test_cli_kubernetes_style_start_with_separate_router(ray_cluster, tiny_llama
         port = sock.getsockname()[1]
     cmd = [sys.executable, "-m", "control_plane.cli", "router", "serve", "--address", address, "--port", str(port)]
     router = subprocess.Popen(
-        [*cmd, "--host", "127.0.0.1", "--wait-for-ray", "30"],
+        # The full policy with predictive admission, end to end on real workers.
+        [*cmd, "--host", "127.0.0.1", "--wait-for-ray", "30", "--policy", "raylane", "--admission"],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,

@@ -30,3 +30,11 @@ def test_unknown_names_list_the_choices():
     with pytest.raises(ValueError, match="least_loaded"):
         make_policy("smartest")
     assert DEFAULT_POLICY in POLICIES
+
+
+def test_router_config_refuses_an_unknown_policy_at_startup():
+    from router.server import RouterConfig
+
+    with pytest.raises(ValueError, match="unknown routing policy"):
+        RouterConfig(policy="smartest")
+    assert RouterConfig(policy="raylane", admission=True).admission
