@@ -6,6 +6,7 @@ cluster view and the worker clients (from Ray in production, in-process in tests
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import itertools
 import logging
@@ -102,6 +103,7 @@ class RouterCore:
         self.kv_ledger = KvLedger()
         self._ledger_keys = itertools.count()
         self._last_forced_refresh = 0.0
+        self._forced_refresh: asyncio.Future | None = None
 
     def authenticate(self, api_key: str | None) -> str:
         """The tenant behind `api_key`, or `Unauthenticated`."""
@@ -209,19 +211,26 @@ class RouterCore:
         """Authenticate and validate; on an unknown key, deployment or adapter, refresh the table once and retry.
 
         A key issued (or a deployment applied) a moment ago works on its first request instead of
-        after the next periodic refresh. Forced refreshes are rate-limited, so a flood of bad keys
-        cannot flood the control plane.
+        after the next periodic refresh. Requests that miss while a forced refresh is running wait for
+        that one; new forced refreshes are rate-limited, so a flood of bad keys cannot flood the
+        control plane.
         """
         try:
             tenant = self.authenticate(api_key)
             return (tenant, *self.prepare(tenant, inp))
         except (Unauthenticated, InvalidArgument):
             refresh = getattr(self.directory, "refresh_table", None)
-            now = time.monotonic()
-            if not api_key or refresh is None or now - self._last_forced_refresh < FORCED_REFRESH_INTERVAL_S:
+            if not api_key or refresh is None:
                 raise
-            self._last_forced_refresh = now
-        await refresh()
+            running = self._forced_refresh
+            if running is None or running.done():
+                now = time.monotonic()
+                if now - self._last_forced_refresh < FORCED_REFRESH_INTERVAL_S:
+                    raise
+                self._last_forced_refresh = now
+                running = self._forced_refresh = asyncio.ensure_future(refresh())
+        # shield: one caller's cancellation must not cancel the refresh the others wait on.
+        await asyncio.shield(running)
         tenant = self.authenticate(api_key)
         return (tenant, *self.prepare(tenant, inp))
 

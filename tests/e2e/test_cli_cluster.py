@@ -6,12 +6,14 @@ head of its own); every other command talks gRPC through the cluster file, as a 
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import pytest
 from typer.testing import CliRunner
 
 from control_plane.cli import app
+from router.client import QuotaExceededError
 
 pytestmark = pytest.mark.slow
 
@@ -84,8 +86,10 @@ def test_cli_kubernetes_style_start_with_separate_router(ray_cluster, tiny_llama
     state = str(tmp_path / "state")
     (tmp_path / "cluster.yaml").write_text("admin_port: 0\nreconcile_interval_s: 0.5\n")
     (tmp_path / "deployments").mkdir()
+    # A 1 MiB KV pool (128 blocks) so an overload burst meets admission control.
     (tmp_path / "deployments" / "chat.yaml").write_text(
         f"deployment:\n  name: chat\n  model: {tiny_llama}\n  pools:\n    - role: mixed\n"
+        "  engine:\n    kv_cache_bytes: 1048576\n"
     )
     (tmp_path / "api-key").write_text("operator-key-from-a-secret-0123\n")
     address = ray_cluster.get_runtime_context().gcs_address
@@ -99,10 +103,12 @@ def test_cli_kubernetes_style_start_with_separate_router(ray_cluster, tiny_llama
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     cmd = [sys.executable, "-m", "control_plane.cli", "router", "serve", "--address", address, "--port", str(port)]
+    router_log_path = tmp_path / "router.log"
+    router_log = router_log_path.open("w")
     router = subprocess.Popen(
-        # The full policy with predictive admission, end to end on real workers.
-        [*cmd, "--host", "127.0.0.1", "--wait-for-ray", "30", "--policy", "raylane", "--admission"],
-        stdout=subprocess.PIPE,
+        # The full policy with predictive admission, end to end on real workers; --verbose logs every decision.
+        [*cmd, "--host", "127.0.0.1", "--wait-for-ray", "30", "--policy", "raylane", "--admission", "--verbose"],
+        stdout=router_log,
         stderr=subprocess.STDOUT,
         text=True,
         env={**os.environ, "PYTHONPATH": os.getcwd()},
@@ -115,7 +121,7 @@ def test_cli_kubernetes_style_start_with_separate_router(ray_cluster, tiny_llama
                     completion = client.complete("chat", "hello", max_tokens=4)
                     break
                 except Exception:
-                    assert router.poll() is None, router.stdout.read()
+                    assert router.poll() is None, router_log_path.read_text()
                     assert time.monotonic() < deadline, "router never served the bootstrap tenant"
                     time.sleep(0.5)
         assert len(completion.token_ids) == 4
@@ -124,8 +130,37 @@ def test_cli_kubernetes_style_start_with_separate_router(ray_cluster, tiny_llama
         generate = ("generate", "hi", "--deployment", "chat", "--api-key", "operator-key-from-a-secret-0123")
         code, output = _invoke(runner, *generate, "--state-dir", state)
         assert code == 2 and "--router" in output  # nor does a router address: routers run on their own
+
+        code, output = _invoke(runner, "tenant", "create", "bulk", "--max-concurrent", "500", "--state-dir", state)
+        bulk_key = output.strip().splitlines()[-1]
+        # 150 at once: ~12 fit the KV forecast, 64 may queue per tenant, the rest must be refused.
+        outcomes = asyncio.run(_burst(f"127.0.0.1:{port}", bulk_key, num_requests=150))
+        rejected = [o for o in outcomes if isinstance(o, QuotaExceededError)]
+        completed = [o for o in outcomes if isinstance(o, int)]
+        assert rejected and all(e.retry_after_s and e.retry_after_s > 0 for e in rejected)
+        assert completed and set(completed) == {48}  # what was admitted (at once or from the queue) ran fully
+        assert len(rejected) + len(completed) == len(outcomes), [o for o in outcomes if not isinstance(o, int)]
     finally:
         router.send_signal(signal.SIGTERM)
-        assert router.wait(timeout=30) == 0, router.stdout.read()
+        assert router.wait(timeout=30) == 0, router_log_path.read_text()
+        router_log.close()
         code, output = _invoke(runner, "down", "--state-dir", state)
     assert code == 0, output
+    log = router_log_path.read_text()
+    assert "route request_id=" in log and "policy=raylane" in log  # one structured line per placement
+    assert "admission decision=reject" in log and "admission decision=admit" in log
+
+
+async def _burst(address: str, api_key: str, *, num_requests: int) -> list:
+    from router.client import AsyncClient
+
+    async with AsyncClient(address, api_key, timeout_s=120) as client:
+
+        async def one(i: int):
+            prompt = [5 + (i * 7 + j) % 400 for j in range(100)]
+            try:
+                return len((await client.complete("chat", prompt, max_tokens=48, ignore_eos=True)).token_ids)
+            except Exception as exc:
+                return exc
+
+        return await asyncio.gather(*(one(i) for i in range(num_requests)))

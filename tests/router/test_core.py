@@ -191,6 +191,26 @@ def test_a_key_issued_after_the_last_refresh_works_on_its_first_request(engines,
     assert directory.num_refreshes == 1  # known now: no second refresh
 
 
+class SlowRefreshingDirectory(RefreshingDirectory):
+    async def refresh_table(self) -> None:
+        await asyncio.sleep(0.05)  # a real refresh is a round trip to the control plane
+        await super().refresh_table()
+
+
+def test_a_burst_on_a_new_key_waits_for_one_shared_refresh(engines, clock):
+    directory = SlowRefreshingDirectory(make_directory(engines), late_key="key-just-issued")
+    core = RouterCore(directory, quotas=QuotaTracker(clock=clock))
+
+    async def burst() -> list[list[TokenChunk]]:
+        async def one() -> list[TokenChunk]:
+            return [chunk async for chunk in core.generate("key-just-issued", request(max_tokens=2))]
+
+        return await asyncio.gather(*(one() for _ in range(6)))
+
+    results = asyncio.run(burst())
+    assert all(chunks[-1].finished for chunks in results) and directory.num_refreshes == 1
+
+
 def test_forced_refreshes_are_rate_limited(engines, clock):
     directory = RefreshingDirectory(make_directory(engines), late_key="unrelated")
     core = RouterCore(directory, quotas=QuotaTracker(clock=clock))
