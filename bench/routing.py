@@ -67,6 +67,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--ttft-slo-ms", type=float, default=None, help="default: 20x the unloaded TTFT p50")
     parser.add_argument("--tpot-slo-ms", type=float, default=None, help="default: 10x the unloaded TPOT p50")
     parser.add_argument("--png", type=Path, default=None, help="also write latency CDFs per policy here")
+    parser.add_argument(
+        "--admission-headroom", type=float, default=0.95, help="share of KV the raylane policy's admission may fill"
+    )
     parser.add_argument("--num-cpus", type=int, default=8, help="logical CPUs of the in-process Ray (default 8)")
     args = parser.parse_args(argv)
     if args.duration <= 0 or not 0 < args.load <= 2 or args.num_workers < 1:
@@ -151,7 +154,13 @@ class Bench:
         from router.server import RouterConfig, RouterReplica
 
         # The full policy brings its admission control; baselines place every request at once.
-        config = RouterConfig(host="127.0.0.1", port=0, policy=policy_name, admission=policy_name == "raylane")
+        config = RouterConfig(
+            host="127.0.0.1",
+            port=0,
+            policy=policy_name,
+            admission=policy_name == "raylane",
+            admission_headroom=self.args.admission_headroom,
+        )
         replica = RouterReplica(config, self.control_plane)
         address = asyncio.run_coroutine_threadsafe(replica.start(), self.loop).result(timeout=60)
         return replica, address
@@ -355,6 +364,7 @@ def summarize(args, cal, rate_scale, num_requests, ttft_slo, tpot_slo, reports) 
         "num_requests": num_requests,
         "load": args.load,
         "kv_cache_mib_per_worker": args.kv_cache_mib,
+        "admission_headroom": args.admission_headroom,
         "rate_scale": round(rate_scale, 3),
         "calibration": {k: round(v, 2) for k, v in cal.items()},
         "slo": {"ttft_ms": round(ttft_slo, 1), "tpot_ms": round(tpot_slo, 2)},

@@ -39,7 +39,8 @@ class AdmissionConfig:
     """How much KV a forecast may use, how long and how many requests may wait for it."""
 
     headroom: float = 0.95
-    """Admit only while the forecast peak stays within this fraction of a worker's KV pool, in (0, 1]."""
+    """Admit only while the forecast peak stays within this fraction of a worker's KV pool, in (0, 2] (above 1
+    overcommits, betting that preemption by recompute is cheaper than waiting)."""
     max_queued_per_tenant: int = 64
     """Requests one tenant may have waiting for capacity; one more is `ResourceExhausted` (0: never wait)."""
     max_wait_s: float = 30.0
@@ -52,8 +53,8 @@ class AdmissionConfig:
     """Decode steps per second assumed when a worker has not reported a rate; turns steps into `retry_after_s`."""
 
     def __post_init__(self) -> None:
-        if not (0 < self.headroom <= 1):
-            raise ValueError(f"headroom must be in (0, 1], got {self.headroom}")
+        if not (0 < self.headroom <= 2):
+            raise ValueError(f"headroom must be in (0, 2] (above 1 overcommits the pool), got {self.headroom}")
         if self.max_queued_per_tenant < 0:
             raise ValueError(f"max_queued_per_tenant must be >= 0, got {self.max_queued_per_tenant}")
         if not (math.isfinite(self.max_wait_s) and self.max_wait_s >= 0):

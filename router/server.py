@@ -53,6 +53,8 @@ class RouterConfig:
     """Routing policy by name (router/registry.py); `raylane` is the full length- and KV-aware one."""
     admission: bool = False
     """Predictive admission: queue a request rather than place it where its KV forecast would overflow."""
+    admission_headroom: float = 0.95
+    """Share of a worker's KV pool admission may plan to fill (above 1 overcommits, betting on early finishes)."""
 
     def __post_init__(self) -> None:
         make_policy(self.policy)  # a typo fails here, at startup, with the list of names
@@ -257,7 +259,9 @@ class RouterReplica:
             self.directory,
             policy=make_policy(config.policy),
             predictor=LengthPredictor(),
-            admission=AdmissionController(AdmissionConfig()) if config.admission else None,
+            admission=AdmissionController(AdmissionConfig(headroom=config.admission_headroom))
+            if config.admission
+            else None,
         )
         self._server: grpc.aio.Server | None = None
         self.address = ""

@@ -258,7 +258,7 @@ def _route_unavailable(view: ClusterView) -> Decision:
     ("overrides", "message"),
     [
         ({"headroom": 0.0}, "headroom"),
-        ({"headroom": 1.5}, "headroom"),
+        ({"headroom": 2.5}, "headroom"),
         ({"max_queued_per_tenant": -1}, "max_queued_per_tenant"),
         ({"max_wait_s": -1.0}, "max_wait_s"),
         ({"recheck_interval_s": 0.0}, "recheck_interval_s"),
