@@ -36,6 +36,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a script
     sys.path.insert(0, str(REPO))
 
+from router.replay import select_window  # noqa: E402
 from router.trace import DEFAULT_TRACE, TraceRequest, load_trace  # noqa: E402
 
 DEPLOYMENT = "bench"
@@ -77,7 +78,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def trace_window(path: Path, *, seed: int, duration_s: float, max_prompt: int, max_output: int) -> list[TraceRequest]:
+def trace_window(path: Path, *, seed: int, max_prompt: int, max_output: int) -> list[TraceRequest]:
     """A window of the trace starting at a seeded offset, lengths scaled to the tiny model, arrivals from 0."""
     rows = load_trace(path)
     span = rows[-1].arrival_s
@@ -92,15 +93,6 @@ def trace_window(path: Path, *, seed: int, duration_s: float, max_prompt: int, m
         )
         for r in window
     ]
-
-
-def at_rate(requests: list[TraceRequest], *, rate_scale: float, duration_s: float) -> list[TraceRequest]:
-    """Arrivals divided by `rate_scale`, keeping those inside `duration_s`."""
-    scaled = [
-        TraceRequest(arrival_s=r.arrival_s / rate_scale, prompt_len=r.prompt_len, output_len=r.output_len)
-        for r in requests
-    ]
-    return [r for r in scaled if r.arrival_s < duration_s]
 
 
 class Bench:
@@ -168,13 +160,8 @@ class Bench:
     def stop_router(self, replica: Any) -> None:
         asyncio.run_coroutine_threadsafe(replica.stop(), self.loop).result(timeout=60)
 
-    def worker_totals(self) -> dict[str, int]:
-        totals = {"preemptions": 0, "running": 0, "kv_blocks_used": 0}
-        for pool in self.admin.list_pools(DEPLOYMENT):
-            for w in pool.workers:
-                totals["running"] += w.num_running + w.num_waiting
-                totals["kv_blocks_used"] += w.kv_blocks_used
-        return totals
+    def num_busy_requests(self) -> int:
+        return sum(w.num_running + w.num_waiting for pool in self.admin.list_pools(DEPLOYMENT) for w in pool.workers)
 
     def preemptions(self) -> int:
         import ray
@@ -191,8 +178,7 @@ class Bench:
     def wait_idle(self, timeout_s: float = 120.0) -> None:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            totals = self.worker_totals()
-            if totals["running"] == 0:
+            if self.num_busy_requests() == 0:
                 return
             time.sleep(0.5)
         log("warning: workers did not drain before the next policy")
@@ -299,7 +285,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     window = trace_window(
         args.trace,
         seed=args.seed,
-        duration_s=args.duration,
         max_prompt=args.max_prompt_len,
         max_output=args.max_output_len,
     )
@@ -310,7 +295,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             cal = calibrate(bench, window, args.seed)
             offered_per_s = sum(r.output_len for r in window) / max(r.arrival_s for r in window)
             rate_scale = args.load * cal["capacity_output_tokens_per_s"] / offered_per_s
-            requests = at_rate(window, rate_scale=rate_scale, duration_s=args.duration)
+            requests = select_window(window, rate_scale=rate_scale, duration_s=args.duration)
             # Multiples of unloaded latency, loose enough for 2 cores shared by every worker and the client.
             ttft_slo = args.ttft_slo_ms or 20 * cal["unloaded_ttft_ms"]
             tpot_slo = args.tpot_slo_ms or 10 * cal["unloaded_tpot_ms"]

@@ -111,6 +111,7 @@ class Controller:
         self._desired_replicas: dict[PoolKey, int] = {}
         self._loaded_adapters: dict[str, set[str]] = {}
         self._deployment_adapters: dict[str, tuple[tuple[str, str], ...]] = {}
+        self._routing_cache: tuple[int, RoutingTable, dict[str, str]] | None = None
         self.stats = ReconcileStats()
 
     # ---- the loop body ------------------------------------------------------------------------
@@ -211,15 +212,20 @@ class Controller:
     # ---- views --------------------------------------------------------------------------------
 
     def routing_state(self) -> RoutingState:
-        snapshot = self.store.snapshot()
+        # Every router asks twice a second; the desired state changes rarely, so re-read it only on a new version.
+        cached = self._routing_cache
+        if cached is None or cached[0] != self.store.version():
+            snapshot = self.store.snapshot()
+            models = {name: spec.model for name, spec in snapshot.deployments.items()}
+            cached = self._routing_cache = (snapshot.version, routing_table(snapshot), models)
+        _, table, models = cached
         workers: dict[str, WorkerEntry] = {}
         for key, pool in list(self.pools.items()):
             for worker_id, handle in pool.workers().items():
                 workers[worker_id] = WorkerEntry(
                     worker_id=worker_id, deployment=key.deployment, role=key.role, handle=handle
                 )
-        models = {name: spec.model for name, spec in snapshot.deployments.items()}
-        return RoutingState(table=routing_table(snapshot), workers=workers, models=models)
+        return RoutingState(table=table, workers=workers, models=models)
 
     def pool_infos(self, deployment: str = "", timeout_s: float = 2.0) -> list[PoolInfo]:
         """Every pool (or one deployment's) with its workers' live stats."""

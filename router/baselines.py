@@ -10,7 +10,7 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 
-from router.policy import ClusterView, Decision, RouteRequest, WorkerView, log_decision, place_by_role
+from router.policy import ClusterView, Decision, RouteRequest, WorkerView, place_and_log
 
 
 def num_outstanding(worker: WorkerView) -> int:
@@ -31,9 +31,7 @@ class RoundRobinPolicy:
         self._last: dict[tuple[str, str], str] = {}
 
     def route(self, request: RouteRequest, view: ClusterView) -> Decision:
-        decision = place_by_role(request, view, self._pick, policy=self.name)
-        log_decision(self.name, request, decision)
-        return decision
+        return place_and_log(request, view, self._pick, self.name)
 
     def _pick(
         self, request: RouteRequest, candidates: Sequence[WorkerView], role: str
@@ -57,9 +55,7 @@ class LeastOutstandingPolicy:
     name = "least_outstanding"
 
     def route(self, request: RouteRequest, view: ClusterView) -> Decision:
-        decision = place_by_role(request, view, _pick_least_outstanding, policy=self.name)
-        log_decision(self.name, request, decision)
-        return decision
+        return place_and_log(request, view, _pick_least_outstanding, self.name)
 
 
 def _pick_least_outstanding(
@@ -82,9 +78,7 @@ class PowerOfTwoPolicy:
         self.rng = rng if rng is not None else random.Random(seed)
 
     def route(self, request: RouteRequest, view: ClusterView) -> Decision:
-        decision = place_by_role(request, view, self._pick, policy=self.name)
-        log_decision(self.name, request, decision)
-        return decision
+        return place_and_log(request, view, self._pick, self.name)
 
     def _pick(
         self, request: RouteRequest, candidates: Sequence[WorkerView], role: str

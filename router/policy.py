@@ -146,23 +146,9 @@ class LeastLoadedPolicy:
     name = "least_loaded"
 
     def route(self, request: RouteRequest, view: ClusterView) -> Decision:
-        roles = view.roles(request.deployment)
-        if not roles:
-            raise NoCapacityError(f"deployment {request.deployment!r} has no workers yet", retry_after_s=2.0)
-        if "mixed" in roles:
-            worker, scores = pick_least_loaded(view.candidates(request.deployment, "mixed"), request)
-            decision = Decision(worker_id=worker.worker_id, reason="least_loaded mixed", scores=scores)
-        else:
-            prefill, prefill_scores = pick_least_loaded(view.candidates(request.deployment, "prefill"), request)
-            decode, decode_scores = pick_least_loaded(view.candidates(request.deployment, "decode"), request)
-            decision = Decision(
-                worker_id=decode.worker_id,
-                prefill_worker_id=prefill.worker_id,
-                reason="least_loaded prefill+decode",
-                scores={**prefill_scores, **decode_scores},
-            )
-        log_decision(self.name, request, decision)
-        return decision
+        return place_and_log(
+            request, view, lambda req, candidates, _role: pick_least_loaded(candidates, req), self.name
+        )
 
 
 def log_decision(policy: str, request: RouteRequest, decision: Decision) -> None:
@@ -216,6 +202,13 @@ def place_by_role(request: RouteRequest, view: ClusterView, pick: Picker, *, pol
         reason=f"{policy} prefill+decode",
         scores={**prefill_scores, **decode_scores},
     )
+
+
+def place_and_log(request: RouteRequest, view: ClusterView, pick: Picker, policy: str) -> Decision:
+    """`place_by_role`, then the policy's one structured decision line."""
+    decision = place_by_role(request, view, pick, policy=policy)
+    log_decision(policy, request, decision)
+    return decision
 
 
 class Scorer(Protocol):

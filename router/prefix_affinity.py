@@ -28,8 +28,7 @@ from router.policy import (
     RouteRequest,
     WorkerView,
     load_score,
-    log_decision,
-    place_by_role,
+    place_and_log,
 )
 from workers.engine.block_manager import prefix_block_hashes
 
@@ -218,9 +217,7 @@ class PrefixAffinityPolicy:
         self.scorer = PrefixAffinityScorer(self.config, summaries=summaries, prompt_tokens=prompt_tokens, pool=None)
 
     def route(self, request: RouteRequest, view: ClusterView) -> Decision:
-        decision = place_by_role(request, view, self._pick, policy=self.name)
-        log_decision(self.name, request, decision)
-        return decision
+        return place_and_log(request, view, self._pick, self.name)
 
     def _pick(
         self, request: RouteRequest, candidates: Sequence[WorkerView], role: str

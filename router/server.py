@@ -152,13 +152,9 @@ class RayDirectory:
         for entry in self._state.workers.values():
             seen, stats = self._stats.get(entry.worker_id, (0.0, None))
             fresh = stats is not None and now - seen <= self.config.stats_timeout_s
-            view = WorkerView(worker_id=entry.worker_id, deployment=entry.deployment, role=entry.role, is_healthy=fresh)
+            load = {}
             if stats is not None:
-                view = WorkerView(
-                    worker_id=entry.worker_id,
-                    deployment=entry.deployment,
-                    role=entry.role,
-                    is_healthy=fresh,
+                load = dict(
                     num_running=stats.num_running,
                     num_waiting=stats.num_waiting,
                     kv_usage=stats.kv_usage,
@@ -169,6 +165,9 @@ class RayDirectory:
                     output_tokens_per_s=stats.output_tokens_per_s,
                     adapters=frozenset(stats.adapters),
                 )
+            view = WorkerView(
+                worker_id=entry.worker_id, deployment=entry.deployment, role=entry.role, is_healthy=fresh, **load
+            )
             workers.setdefault(entry.deployment, []).append(view)
         return ClusterView(workers=workers)
 

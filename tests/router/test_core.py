@@ -17,6 +17,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from inprocess_workers import EngineWorkerClient
 
 from protos.raylane.v1 import router_pb2, router_pb2_grpc
 from router import client as sdk
@@ -36,7 +37,7 @@ from router.table import DeploymentRoute, RoutingTable, hash_api_key
 from workers.engine.async_engine import AsyncEngine
 from workers.engine.config import EngineConfig, MiB
 from workers.engine.engine import Engine
-from workers.messages import GenerateCall, PrefillResult, TokenChunk, WorkerStats, chunk_from_output
+from workers.messages import GenerateCall, TokenChunk
 
 PROMPT = (5, 17, 42, 99, 7, 23, 61, 88, 12, 30, 44, 71, 3, 9, 150, 201, 77, 66)
 KEYS = {"acme": "key-acme", "globex": "key-globex", "busy": "key-busy", "thrifty": "key-thrifty"}
@@ -47,31 +48,6 @@ LIMITS = {
     "thrifty": QuotaLimits(max_concurrent=8, tokens_per_minute=60),
 }
 TRACEBACK_MARKERS = ("Traceback", 'File "', ".py")
-
-
-class EngineWorkerClient:
-    """A mixed-role `WorkerClient` over an in-process `AsyncEngine`."""
-
-    def __init__(self, worker_id: str, engine: AsyncEngine) -> None:
-        self.worker_id = worker_id
-        self.engine = engine
-
-    async def generate(self, call: GenerateCall) -> AsyncIterator[TokenChunk]:
-        seq = 0
-        outputs = self.engine.generate(call.request_id, call.engine_prompt, call.sampling, lora_name=call.adapter)
-        async with aclosing(outputs):
-            async for output in outputs:
-                yield chunk_from_output(output, seq=seq, worker_id=self.worker_id)
-                seq += len(output.new_token_ids)
-
-    async def prefill(self, call: GenerateCall) -> tuple[PrefillResult, Any]:
-        raise NotImplementedError("mixed deployments only")
-
-    def decode(self, kv: Any, call: GenerateCall) -> AsyncIterator[TokenChunk]:
-        raise NotImplementedError("mixed deployments only")
-
-    async def stats(self) -> WorkerStats:
-        raise NotImplementedError("the static directory needs no stats")
 
 
 class CrashingWorkerClient(EngineWorkerClient):

@@ -7,11 +7,10 @@ prefill/decode paths run the real engine without Ray.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from contextlib import aclosing
-from typing import Any
 
 import pytest
+from inprocess_workers import EngineWorkerClient
 
 from router.dispatch import SequenceGuard, run_placed
 from router.errors import Unavailable
@@ -19,56 +18,12 @@ from router.policy import Decision
 from workers.engine.async_engine import AsyncEngine
 from workers.engine.config import EngineConfig, MiB
 from workers.engine.engine import Engine
-from workers.engine.request import RequestOutput
 from workers.engine.sampling_params import SamplingParams
-from workers.messages import GenerateCall, PrefillResult, TokenChunk, WorkerStats, chunk_from_output
+from workers.messages import GenerateCall, TokenChunk
 
 PROMPT = (5, 17, 42, 99, 7, 23, 61, 88, 12, 30, 44, 71, 3, 9, 150, 201, 77, 66)
 """18 tokens: one full KV block and a partial one cross the prefill/decode handoff."""
 GREEDY = SamplingParams(max_tokens=10, ignore_eos=True)
-
-
-class EngineWorkerClient:
-    """A `WorkerClient` over an in-process `AsyncEngine`; records which calls reached it."""
-
-    def __init__(self, worker_id: str, engine: AsyncEngine) -> None:
-        self.worker_id = worker_id
-        self.engine = engine
-        self.calls: list[str] = []
-
-    async def generate(self, call: GenerateCall) -> AsyncIterator[TokenChunk]:
-        self.calls.append("generate")
-        outputs = self.engine.generate(call.request_id, call.engine_prompt, call.sampling, lora_name=call.adapter)
-        async with aclosing(self._chunks(outputs, first_seq=0)) as chunks:
-            async for chunk in chunks:
-                yield chunk
-
-    async def prefill(self, call: GenerateCall) -> tuple[PrefillResult, Any]:
-        self.calls.append("prefill")
-        output, export = await self.engine.prefill(
-            call.request_id, call.engine_prompt, call.sampling, lora_name=call.adapter
-        )
-        kv_bytes = 0 if export is None else export.nbytes
-        return PrefillResult(first=self._chunk(0, output), prefill_ms=0.0, kv_bytes=kv_bytes), export
-
-    async def decode(self, kv: Any, call: GenerateCall) -> AsyncIterator[TokenChunk]:
-        self.calls.append("decode")
-        async with aclosing(self._chunks(self.engine.resume(kv), first_seq=len(kv.output_token_ids))) as chunks:
-            async for chunk in chunks:
-                yield chunk
-
-    async def stats(self) -> WorkerStats:
-        raise NotImplementedError("dispatch never asks for stats")
-
-    async def _chunks(self, outputs: AsyncIterator[RequestOutput], *, first_seq: int) -> AsyncIterator[TokenChunk]:
-        seq = first_seq
-        async with aclosing(outputs):
-            async for output in outputs:
-                yield self._chunk(seq, output)
-                seq += len(output.new_token_ids)
-
-    def _chunk(self, seq: int, output: RequestOutput) -> TokenChunk:
-        return chunk_from_output(output, seq=seq, worker_id=self.worker_id)
 
 
 @pytest.fixture(scope="module")
