@@ -1,6 +1,9 @@
 PY ?= python
 
-.PHONY: install test lint format bench protos
+.PHONY: deps install test lint format bench protos
+
+deps:  ## System packages the tests need: Debian's redis-server and the real helm binary (ci/install_deps.sh).
+	bash ci/install_deps.sh
 
 install:  ## Install raylane with its dev extras (torch 2.13.0 CPU, transformers/peft as test oracles).
 	$(PY) -m pip install -e ".[dev]"

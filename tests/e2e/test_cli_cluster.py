@@ -7,6 +7,7 @@ head of its own); every other command talks gRPC through the cluster file, as a 
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 
 import pytest
@@ -52,8 +53,25 @@ def test_cli_runs_a_cluster(ray_cluster, tiny_llama, tmp_path):
         generate = ("generate", "hello", "--deployment", "cli", "--max-tokens", "5")
         code, output = _invoke(runner, *generate, "--state-dir", state)
         assert code == 0 and "5 tokens" in output, output
+        code, output = _invoke(runner, *generate, "--stream", "--state-dir", state)
+        assert code == 0 and output.strip(), output
+
+        trace = tmp_path / "trace.csv"
+        trace.write_text(
+            "TIMESTAMP,ContextTokens,GeneratedTokens\n"
+            + "".join(f"2023-11-16 18:15:4{i}.0000000,{20 + 10 * i},{3 + i}\n" for i in range(4))
+        )
+        report = tmp_path / "replay.png"
+        replay = ("bench", "replay", str(trace), "--deployment", "cli", "--duration", "10", "--report", str(report))
+        code, output = _invoke(runner, *replay, "--state-dir", state)
+        assert code == 0, output
+        summary = json.loads(output[output.index("{") :])
+        assert summary["overall"]["num_ok"] == 4 and summary["overall"]["output_tokens"] == 3 + 4 + 5 + 6
+        assert report.read_bytes().startswith(b"\x89PNG")
 
         code, output = _invoke(runner, "tenant", "create", "acme", "--max-concurrent", "2", "--state-dir", state)
+        assert code == 0 and output.strip().splitlines()[-1].startswith("rl-"), output
+        code, output = _invoke(runner, "tenant", "keys", "acme", "--state-dir", state)
         assert code == 0 and output.strip().splitlines()[-1].startswith("rl-"), output
         code, output = _invoke(runner, "tenant", "list", "--state-dir", state)
         assert "acme  max_concurrent=2" in output and "default" in output
