@@ -10,6 +10,9 @@ MoE vs the per-expert torch loop; multi-LoRA vs the per-adapter torch loop (8 ad
 rank 16); W4A16 vs an fp16 `torch.matmul`. Decode rows also report achieved memory
 bandwidth (K+V bytes read / time) as a fraction of the device's peak.
 
+Both sides are timed eagerly (Python and launch overhead included) and replayed from a CUDA graph (GPU time
+only, as an engine that captures its decode step sees it); `speedup` uses the graph pair when both capture.
+
 stdout is exactly one JSON object. Without a CUDA GPU it prints `{"error": ...}` and exits 2.
 """
 
@@ -41,31 +44,71 @@ TARGETS = {"paged_decode": 0.9, "fused_moe@64": 3.0, "multi_lora": 3.0, "w4a16@1
 
 
 def time_ms(fn: Callable[[], object]) -> float:
-    """Median milliseconds per call (triton's do_bench flushes L2 between runs)."""
+    """Median milliseconds per call, launch overhead included (triton's do_bench flushes L2 between runs)."""
     from triton.testing import do_bench
 
     return float(do_bench(fn, warmup=25, rep=100, return_mode="median"))
 
 
-def _row(kernel: str, batch: int, ours_ms: float, baseline_ms: float, baseline: str, **extra: object) -> dict:
+def time_graph_ms(fn: Callable[[], object]) -> float | None:
+    """Median milliseconds per replay of `fn` captured in a CUDA graph: GPU time without the Python and launch
+    overhead, as an engine that replays graphs sees it. None when `fn` cannot be captured (it syncs)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):  # compile and autotune outside the capture
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph):
+            fn()
+    except RuntimeError:
+        torch.cuda.synchronize()
+        return None
+    return time_ms(graph.replay)
+
+
+def time_both(ours: Callable[[], object], baseline: Callable[[], object]) -> dict:
+    """Eager and CUDA-graph timings of both sides; the headline pair is the graph one when both capture."""
+    times = {
+        "ours_eager_ms": time_ms(ours),
+        "baseline_eager_ms": time_ms(baseline),
+        "ours_graph_ms": time_graph_ms(ours),
+        "baseline_graph_ms": time_graph_ms(baseline),
+    }
+    is_graph = times["ours_graph_ms"] is not None and times["baseline_graph_ms"] is not None
+    mode = "graph" if is_graph else "eager"
+    return {"ours": times[f"ours_{mode}_ms"], "baseline": times[f"baseline_{mode}_ms"], "timing": mode, **times}
+
+
+def _row(kernel: str, batch: int, times: dict, baseline: str, **extra: object) -> dict:
+    rounded = {k: None if v is None else round(v, 4) for k, v in times.items() if k.endswith("_ms")}
     return {
         "kernel": kernel,
         "batch": batch,
-        "ours_ms": round(ours_ms, 4),
+        "ours_ms": round(times["ours"], 4),
         "baseline": baseline,
-        "baseline_ms": round(baseline_ms, 4),
-        "speedup": round(baseline_ms / ours_ms, 3),
+        "baseline_ms": round(times["baseline"], 4),
+        "speedup": round(times["baseline"] / times["ours"], 3),
+        "timing": times["timing"],
+        **rounded,
         **extra,
     }
+
+
+def _randn(*shape: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    # Drawn on the CPU: a CUDA-graph capture that fails (an op that syncs) leaves the CUDA generator unusable.
+    return torch.randn(*shape).to("cuda", dtype)
 
 
 def _paged_kv(batch: int, context: int, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
     """A block pool with each sequence's blocks scattered at random, plus the contiguous copy."""
     blocks_per_seq = -(-context // BLOCK_SIZE)
     num_blocks = batch * blocks_per_seq
-    key_cache = torch.randn(KV_HEADS, num_blocks, BLOCK_SIZE, HEAD_DIM, device="cuda", dtype=dtype)
-    value_cache = torch.randn_like(key_cache)
-    tables = torch.randperm(num_blocks, device="cuda").view(batch, blocks_per_seq)
+    key_cache = _randn(KV_HEADS, num_blocks, BLOCK_SIZE, HEAD_DIM, dtype=dtype)
+    value_cache = _randn(*key_cache.shape, dtype=dtype)
+    tables = torch.randperm(num_blocks).cuda().view(batch, blocks_per_seq)
     dense_k = key_cache[:, tables].permute(1, 0, 2, 3, 4).reshape(batch, KV_HEADS, -1, HEAD_DIM)[:, :, :context]
     dense_v = value_cache[:, tables].permute(1, 0, 2, 3, 4).reshape(batch, KV_HEADS, -1, HEAD_DIM)[:, :, :context]
     return key_cache, value_cache, tables, dense_k.contiguous(), dense_v.contiguous()
@@ -73,31 +116,32 @@ def _paged_kv(batch: int, context: int, dtype: torch.dtype) -> tuple[torch.Tenso
 
 def bench_decode(batch: int, context: int, dtype: torch.dtype, peak_gbs: float) -> dict:
     key_cache, value_cache, tables, dense_k, dense_v = _paged_kv(batch, context, dtype)
-    query = torch.randn(batch, HEADS, HEAD_DIM, device="cuda", dtype=dtype)
+    query = _randn(batch, HEADS, HEAD_DIM, dtype=dtype)
     seq_lens = torch.full((batch,), context, device="cuda", dtype=torch.int64)
     scale = HEAD_DIM**-0.5
-    ours = time_ms(
-        lambda: ops.paged_decode_attention(query, key_cache, value_cache, tables, seq_lens, scale, backend="triton")
-    )
     q4 = query[:, :, None]
-    baseline = time_ms(lambda: F.scaled_dot_product_attention(q4, dense_k, dense_v, scale=scale, enable_gqa=True))
+    times = time_both(
+        lambda: ops.paged_decode_attention(
+            query, key_cache, value_cache, tables, seq_lens, scale, backend="triton", max_seq_len=context
+        ),
+        lambda: F.scaled_dot_product_attention(q4, dense_k, dense_v, scale=scale, enable_gqa=True),
+    )
     kv_bytes = 2 * batch * context * KV_HEADS * HEAD_DIM * dense_k.element_size()
     return _row(
         "paged_decode",
         batch,
-        ours,
-        baseline,
+        times,
         "sdpa_unpaged",
         context=context,
-        bandwidth_fraction=round(kv_bytes / (ours * 1e-3) / (peak_gbs * 1e9), 3),
-        baseline_bandwidth_fraction=round(kv_bytes / (baseline * 1e-3) / (peak_gbs * 1e9), 3),
+        bandwidth_fraction=round(kv_bytes / (times["ours"] * 1e-3) / (peak_gbs * 1e9), 3),
+        baseline_bandwidth_fraction=round(kv_bytes / (times["baseline"] * 1e-3) / (peak_gbs * 1e9), 3),
         target=TARGETS["paged_decode"],
     )
 
 
 def bench_prefill(batch: int, length: int, dtype: torch.dtype) -> dict:
     key_cache, value_cache, tables, dense_k, dense_v = _paged_kv(batch, length, dtype)
-    query = torch.randn(batch * length, HEADS, HEAD_DIM, device="cuda", dtype=dtype)
+    query = _randn(batch * length, HEADS, HEAD_DIM, dtype=dtype)
     qsl = [i * length for i in range(batch + 1)]
     meta = AttentionMetadata(
         slot_mapping=torch.zeros(batch * length, dtype=torch.int64, device="cuda"),
@@ -110,56 +154,55 @@ def bench_prefill(batch: int, length: int, dtype: torch.dtype) -> dict:
         block_size=BLOCK_SIZE,
     )
     scale = HEAD_DIM**-0.5
-    ours = time_ms(lambda: ops.paged_attention(query, key_cache, value_cache, meta, scale, backend="triton"))
     q4 = query.view(batch, length, HEADS, HEAD_DIM).transpose(1, 2)
-    baseline = time_ms(
-        lambda: F.scaled_dot_product_attention(q4, dense_k, dense_v, is_causal=True, scale=scale, enable_gqa=True)
+    times = time_both(
+        lambda: ops.paged_attention(query, key_cache, value_cache, meta, scale, backend="triton"),
+        lambda: F.scaled_dot_product_attention(q4, dense_k, dense_v, is_causal=True, scale=scale, enable_gqa=True),
     )
-    return _row("prefill", batch, ours, baseline, "sdpa_causal", length=length)
+    return _row("prefill", batch, times, "sdpa_causal", length=length)
 
 
 def bench_moe(batch: int, dtype: torch.dtype) -> dict:
-    x = torch.randn(batch, HIDDEN, device="cuda", dtype=dtype)
-    w_gate_up = torch.randn(EXPERTS, 2 * MOE_FFN, HIDDEN, device="cuda", dtype=dtype) / HIDDEN**0.5
-    w_down = torch.randn(EXPERTS, HIDDEN, MOE_FFN, device="cuda", dtype=dtype) / MOE_FFN**0.5
-    logits = torch.randn(batch, EXPERTS, device="cuda")
+    x = _randn(batch, HIDDEN, dtype=dtype)
+    w_gate_up = _randn(EXPERTS, 2 * MOE_FFN, HIDDEN, dtype=dtype) / HIDDEN**0.5
+    w_down = _randn(EXPERTS, HIDDEN, MOE_FFN, dtype=dtype) / MOE_FFN**0.5
+    logits = _randn(batch, EXPERTS)
     weights, ids = torch.topk(logits.softmax(-1), TOP_K)
     weights = weights.to(dtype)
     args = (x, w_gate_up, w_down, weights, ids)
-    ours = time_ms(lambda: ops.fused_moe(*args, backend="triton"))
-    baseline = time_ms(lambda: ops.fused_moe(*args, backend="reference"))
+    times = time_both(lambda: ops.fused_moe(*args, backend="triton"), lambda: ops.fused_moe(*args, backend="reference"))
     target = TARGETS["fused_moe@64"] if batch == 64 else None
-    return _row("fused_moe", batch, ours, baseline, "per_expert_loop", target=target)
+    return _row("fused_moe", batch, times, "per_expert_loop", target=target)
 
 
 def bench_lora(batch: int, dtype: torch.dtype) -> dict:
-    x = torch.randn(batch, HIDDEN, device="cuda", dtype=dtype)
-    y = torch.randn(batch, HIDDEN, device="cuda", dtype=dtype)
-    lora_a = torch.randn(NUM_ADAPTERS, LORA_RANK, HIDDEN, device="cuda", dtype=dtype) / HIDDEN**0.5
-    lora_b = torch.randn(NUM_ADAPTERS, HIDDEN, LORA_RANK, device="cuda", dtype=dtype) / LORA_RANK
+    x = _randn(batch, HIDDEN, dtype=dtype)
+    y = _randn(batch, HIDDEN, dtype=dtype)
+    lora_a = _randn(NUM_ADAPTERS, LORA_RANK, HIDDEN, dtype=dtype) / HIDDEN**0.5
+    lora_b = _randn(NUM_ADAPTERS, HIDDEN, LORA_RANK, dtype=dtype) / LORA_RANK
     # Every adapter appears at least once (batch >= 8): 8 distinct adapters in the batch.
     slots = torch.arange(batch, device="cuda") % NUM_ADAPTERS
-    ours = time_ms(lambda: ops.add_lora(y, x, lora_a, lora_b, slots, backend="triton"))
-    baseline = time_ms(lambda: ops.add_lora(y, x, lora_a, lora_b, slots, backend="reference"))
-    adapters = min(batch, NUM_ADAPTERS)
-    return _row(
-        "multi_lora", batch, ours, baseline, "per_adapter_loop", adapters=adapters, target=TARGETS["multi_lora"]
+    times = time_both(
+        lambda: ops.add_lora(y, x, lora_a, lora_b, slots, backend="triton"),
+        lambda: ops.add_lora(y, x, lora_a, lora_b, slots, backend="reference"),
     )
+    adapters = min(batch, NUM_ADAPTERS)
+    return _row("multi_lora", batch, times, "per_adapter_loop", adapters=adapters, target=TARGETS["multi_lora"])
 
 
 def bench_w4a16(batch: int, dtype: torch.dtype) -> list[dict]:
     rows = []
     for in_features, out_features in ((HIDDEN, FFN), (FFN, HIDDEN)):
-        weight = torch.randn(out_features, in_features, device="cuda", dtype=dtype) / in_features**0.5
+        weight = _randn(out_features, in_features, dtype=dtype) / in_features**0.5
         packed = ops.quantize_w4(weight, 128)
-        x = torch.randn(batch, in_features, device="cuda", dtype=dtype)
-        ours = time_ms(lambda: ops.w4a16_matmul(x, packed.qweight, packed.scales, 128, backend="triton"))  # noqa: B023
+        x = _randn(batch, in_features, dtype=dtype)
         weight_t = weight.t()
-        baseline = time_ms(lambda: torch.matmul(x, weight_t))  # noqa: B023
-        target = TARGETS["w4a16@1-16"] if batch <= 16 else None
-        rows.append(
-            _row("w4a16", batch, ours, baseline, "fp16_matmul", shape=[in_features, out_features], target=target)
+        times = time_both(
+            lambda: ops.w4a16_matmul(x, packed.qweight, packed.scales, 128, backend="triton"),  # noqa: B023
+            lambda: torch.matmul(x, weight_t),  # noqa: B023
         )
+        target = TARGETS["w4a16@1-16"] if batch <= 16 else None
+        rows.append(_row("w4a16", batch, times, "fp16_matmul", shape=[in_features, out_features], target=target))
     return rows
 
 

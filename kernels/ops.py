@@ -166,15 +166,20 @@ def paged_decode_attention(
     *,
     backend: str | None = None,
     num_splits: int | None = None,
+    max_seq_len: int | None = None,
 ) -> torch.Tensor:
-    """One query token per sequence: query `[B, h, d]`, block_tables `[B, max_blocks]`, seq_lens `[B]`."""
+    """One query token per sequence: query `[B, h, d]`, block_tables `[B, max_blocks]`, seq_lens `[B]`.
+
+    `max_seq_len` (Triton only) spares reading `seq_lens.max()` back from the GPU, a sync that also rules out
+    CUDA-graph capture.
+    """
     _check_attention(query, key_cache, value_cache)
     _check_tables(block_tables, seq_lens, query.shape[0])
     if use_triton(query, backend):
         _unit_stride(query=query)
         gpu = _gpu("attention")
         return gpu.paged_decode_attention(
-            query, key_cache, value_cache, block_tables, seq_lens, scale, num_splits=num_splits
+            query, key_cache, value_cache, block_tables, seq_lens, scale, num_splits=num_splits, max_seq_len=max_seq_len
         )
     return attention.paged_decode_attention(query, key_cache, value_cache, block_tables, seq_lens, scale)
 

@@ -10,8 +10,8 @@ from kernels import ops
 from kernels.metadata import AttentionMetadata
 
 
-def _build_batch(seq_lens, query_lens, *, heads, kv_heads, head_dim=16, block_size=4, seed=0):
-    """A paged cache filled with random K/V plus the dense per-sequence copies to check against."""
+def _build_batch(seq_lens, query_lens, *, heads, kv_heads, head_dim=16, block_size=4, seed=0, device="cpu"):
+    """A paged cache filled with random K/V plus the dense per-sequence copies to check against, on `device`."""
     gen = torch.Generator().manual_seed(seed)
     num_blocks = sum(-(-n // block_size) for n in seq_lens) + 3
     key_cache = torch.zeros(kv_heads, num_blocks, block_size, head_dim)
@@ -44,7 +44,9 @@ def _build_batch(seq_lens, query_lens, *, heads, kv_heads, head_dim=16, block_si
         block_size=block_size,
     )
     query = torch.randn(qsl[-1], heads, head_dim, generator=gen)
-    return query, key_cache, value_cache, meta, dense
+    meta = AttentionMetadata(**{k: v.to(device) if torch.is_tensor(v) else v for k, v in vars(meta).items()})
+    dense = [(k.to(device), v.to(device)) for k, v in dense]
+    return query.to(device), key_cache.to(device), value_cache.to(device), meta, dense
 
 
 def _dense_reference(query, meta, dense, scale):
@@ -55,7 +57,7 @@ def _dense_reference(query, meta, dense, scale):
         group = q.shape[1] // k.shape[1]
         k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
         scores = torch.einsum("qhd,khd->hqk", q, k) * scale
-        causal = torch.arange(n)[None, :] <= (torch.arange(nq)[:, None] + n - nq)
+        causal = torch.arange(n, device=q.device)[None, :] <= (torch.arange(nq, device=q.device)[:, None] + n - nq)
         scores = scores.masked_fill(~causal, float("-inf"))
         out.append(torch.einsum("hqk,khd->qhd", scores.softmax(-1), v))
     return torch.cat(out)

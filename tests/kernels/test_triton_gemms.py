@@ -1,4 +1,5 @@
-"""Triton fused MoE, multi-LoRA (SGMV and BGMV) and W4A16 vs their references, in the CPU interpreter."""
+"""Triton fused MoE, multi-LoRA (SGMV and BGMV) and W4A16 vs their references: compiled on the GPU when there is
+one, else in the CPU interpreter."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import pytest
 import torch
 
 from kernels import ops
+from tests.kernels.devices import TRITON_DEVICE as DEVICE
 
 pytest.importorskip("triton")
 
@@ -26,7 +28,7 @@ def _moe_inputs(tokens, hidden, inter, experts, top_k, dtype, seed=0):
     w_down = (torch.randn(experts, hidden, inter, generator=gen) / inter**0.5).to(dtype)
     weights = torch.rand(tokens, top_k, generator=gen).to(dtype)
     ids = torch.stack([torch.randperm(experts, generator=gen)[:top_k] for _ in range(tokens)])
-    return x, w_gate_up, w_down, weights, ids
+    return tuple(t.to(DEVICE) for t in (x, w_gate_up, w_down, weights, ids))
 
 
 @pytest.mark.parametrize("top_k", [1, 2])
@@ -78,7 +80,7 @@ def _lora_inputs(tokens, dtype, seed=1):
     lora_a[1, 8:], lora_b[1, :, 8:] = 0, 0
     slots = torch.randint(-1, num_slots, (tokens,), generator=gen)
     slots[0] = -1
-    return y, x, lora_a.to(dtype), lora_b.to(dtype), slots
+    return tuple(t.to(DEVICE) for t in (y, x, lora_a.to(dtype), lora_b.to(dtype), slots))
 
 
 @pytest.mark.parametrize("mode", ["sgmv", "bgmv", None])
@@ -128,9 +130,9 @@ def test_add_lora_rejects_bad_inputs():
 def test_w4a16_matches_reference(group_size, in_features, out_features, tokens, dtype, split_k):
     gen = torch.Generator().manual_seed(7)
     packed = ops.quantize_w4(torch.randn(out_features, in_features, generator=gen), group_size, dtype=dtype)
-    x = torch.randn(tokens, in_features, generator=gen).to(dtype)
-    bias = torch.randn(out_features, generator=gen).to(dtype)
-    args = (x, packed.qweight, packed.scales, group_size, bias)
+    x = torch.randn(tokens, in_features, generator=gen).to(DEVICE, dtype)
+    bias = torch.randn(out_features, generator=gen).to(DEVICE, dtype)
+    args = (x, packed.qweight.to(DEVICE), packed.scales.to(DEVICE), group_size, bias)
     out = ops.w4a16_matmul(*args, backend="triton", split_k=split_k)
     assert out.dtype == dtype and out.shape == (tokens, out_features)
     _close(out, ops.w4a16_matmul(*args, backend="reference"), dtype)
@@ -146,8 +148,8 @@ def test_quantize_roundtrip_error_is_within_half_a_step():
 
 
 def test_w4a16_rejects_bad_inputs():
-    packed = ops.quantize_w4(torch.randn(8, 64), 32, dtype=torch.float16)
-    x = torch.randn(2, 64, dtype=torch.float16)
+    packed = ops.quantize_w4(torch.randn(8, 64, device=DEVICE), 32, dtype=torch.float16)
+    x = torch.randn(2, 64, dtype=torch.float16, device=DEVICE)
     with pytest.raises(ValueError, match="multiple of group_size"):
         ops.quantize_w4(torch.randn(8, 48), 32)
     with pytest.raises(ValueError, match="multiple of 8"):
