@@ -59,6 +59,16 @@ def test_align_block_size_pads_each_expert():
     assert (sorted_ids[6:] == 6).all()
 
 
+@pytest.mark.parametrize("items,groups,block", [(6, 4, 2), (37, 8, 16), (64, 8, 32), (1, 8, 16)])
+def test_sync_free_align_matches_reference(items, groups, block):
+    from kernels.gpu.grouped_gemm import align_block_size
+
+    ids = torch.randint(-1, groups, (items,), generator=torch.Generator().manual_seed(items))
+    expected = ops.moe_align_block_size(ids, groups, block)
+    for actual, want in zip(align_block_size(ids.to(DEVICE), groups, block), expected, strict=True):
+        assert actual.cpu().tolist() == want.tolist()
+
+
 def test_fused_moe_rejects_bad_inputs():
     x, w_gate_up, w_down, weights, ids = _moe_inputs(3, 16, 16, 4, 2, torch.float32)
     with pytest.raises(ValueError, match="share a dtype"):
@@ -123,6 +133,7 @@ def test_add_lora_rejects_bad_inputs():
         (128, 256, 48, 17),  # the default group size, M past one tile
         (64, 64, 16, 1),  # a single group, batch 1
         (48, 96, 20, 5),  # a group size that is not a power of two (per-row scales in a tile)
+        (128, 512, 24, 5),  # decode-sized M on GPU: one dot per nibble on magic-number codes
     ],
 )
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
