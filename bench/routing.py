@@ -36,12 +36,15 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a script
     sys.path.insert(0, str(REPO))
 
+from bench.plots import write_latency_cdfs  # noqa: E402
 from router.replay import select_window  # noqa: E402
 from router.trace import DEFAULT_TRACE, TraceRequest, load_trace  # noqa: E402
 
 DEPLOYMENT = "bench"
 TENANT = "bench"
 BASELINES = ("round_robin", "least_outstanding", "p2c")
+SLO_SCALES = (0.75, 1.0, 1.5, 2.0, 3.0)
+"""Multiples of the stated SLOs the results are also scored at (the headline is 1.0)."""
 
 
 def log(msg: str) -> None:
@@ -55,8 +58,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0, help="seeds the trace window and the prompts")
     parser.add_argument(
         "--policies",
-        default="round_robin,least_outstanding,p2c,raylane",
-        help="comma list from router/registry.py; the first three are the baselines",
+        default="round_robin,least_outstanding,p2c,raylane,raylane+admission",
+        help="comma list from router/registry.py, each optionally with +admission (predictive admission on); "
+        "round_robin, least_outstanding and p2c are the baselines",
     )
     parser.add_argument("--num-workers", type=int, default=4, help="mixed workers (default 4)")
     parser.add_argument("--load", type=float, default=0.8, help="offered load as a fraction of capacity (default 0.8)")
@@ -95,6 +99,13 @@ def trace_window(path: Path, *, seed: int, max_prompt: int, max_output: int) -> 
     ]
 
 
+def engine_options(kv_cache_mib: float) -> Any:
+    """The workers' engine: a small KV pool, so placement that ignores KV demand pays in preemptions (as on a GPU)."""
+    from control_plane.spec import EngineOptions
+
+    return EngineOptions(kv_cache_bytes=int(kv_cache_mib * (1 << 20)), max_num_batched_tokens=256, max_num_seqs=32)
+
+
 class Bench:
     """The cluster, plus a router replica per policy run on a private event loop thread."""
 
@@ -105,24 +116,26 @@ class Bench:
         self._thread = threading.Thread(target=self.loop.run_forever, name="bench-router", daemon=True)
         self._thread.start()
 
-    def start_cluster(self) -> None:
+    def start_cluster(self, *, init_ray: bool = True) -> None:
+        """Start the control plane and the workers; `init_ray=False` reuses a Ray the caller started."""
         import ray
 
         from control_plane.admin_client import AdminClient
         from control_plane.cluster import start_control_plane
         from control_plane.config import ControlPlaneConfig
-        from control_plane.spec import DeploymentSpec, EngineOptions, PoolSpec, Quota, TenantSpec
+        from control_plane.spec import Quota, TenantSpec
         from workers.engine.tiny import make_tiny_model
 
         model = self.workdir / "tiny-llama"
         make_tiny_model("llama", model, seed=0, dtype="float32")
-        ray.init(
-            address="local",
-            num_cpus=self.args.num_cpus,
-            include_dashboard=False,
-            log_to_driver=False,
-            namespace="raylane",
-        )
+        if init_ray:
+            ray.init(
+                address="local",
+                num_cpus=self.args.num_cpus,
+                include_dashboard=False,
+                log_to_driver=False,
+                namespace="raylane",
+            )
         config = ControlPlaneConfig(
             state_dir=str(self.workdir / "state"), admin_port=0, router_port=0, num_routers=0, reconcile_interval_s=0.5
         )
@@ -130,27 +143,36 @@ class Bench:
         self.admin = AdminClient(info.admin_address)
         self.admin.create_tenant(TenantSpec(name=TENANT, quota=Quota(max_concurrent=10_000, tokens_per_minute=10**9)))
         _, self.api_key = self.admin.issue_key(TENANT)
-        # A small KV pool, so placement that ignores KV demand pays in preemptions (as on a loaded GPU).
-        kv_bytes = int(self.args.kv_cache_mib * (1 << 20))
-        engine = EngineOptions(kv_cache_bytes=kv_bytes, max_num_batched_tokens=256, max_num_seqs=32)
-        pools = (PoolSpec(role="mixed", replicas=self.args.num_workers, num_cpus=1.0),)
-        self.admin.apply_deployment(DeploymentSpec(name=DEPLOYMENT, model=str(model), pools=pools, engine=engine))
+        self.model = model
+        self.deploy(self.args.num_workers)
+
+    def deploy(self, num_workers: int) -> None:
+        """Apply the deployment with `num_workers` mixed workers and wait until exactly that many are healthy."""
+        from control_plane.spec import DeploymentSpec, PoolSpec
+
+        pools = (PoolSpec(role="mixed", replicas=num_workers, num_cpus=1.0),)
+        spec = DeploymentSpec(name=DEPLOYMENT, model=str(self.model), pools=pools, engine=self.engine_options())
+        self.admin.apply_deployment(spec)
         deadline = time.monotonic() + 300
-        while self.admin.status().num_healthy_workers < self.args.num_workers:
+        while self.admin.status().num_healthy_workers != num_workers:
             if time.monotonic() > deadline:
-                raise TimeoutError("workers did not become healthy in 300 s")
+                raise TimeoutError(f"the pool did not reach {num_workers} healthy workers in 300 s")
             time.sleep(0.5)
-        log(f"{self.args.num_workers} workers healthy")
+        log(f"{num_workers} workers healthy")
+
+    def engine_options(self) -> Any:
+        return engine_options(self.args.kv_cache_mib)
 
     def start_router(self, policy_name: str) -> tuple[Any, str]:
         from router.server import RouterConfig, RouterReplica
 
-        # The full policy brings its admission control; baselines place every request at once.
+        # `name+admission` runs the policy behind predictive admission; otherwise every request is placed at once.
+        policy, _, option = policy_name.partition("+")
         config = RouterConfig(
             host="127.0.0.1",
             port=0,
-            policy=policy_name,
-            admission=policy_name == "raylane",
+            policy=policy,
+            admission=option == "admission",
             admission_headroom=self.args.admission_headroom,
         )
         replica = RouterReplica(config, self.control_plane)
@@ -183,7 +205,7 @@ class Bench:
             time.sleep(0.5)
         log("warning: workers did not drain before the next policy")
 
-    def close(self) -> None:
+    def close(self, *, shutdown_ray: bool = True) -> None:
         import ray
 
         from control_plane.cluster import stop_control_plane
@@ -191,7 +213,8 @@ class Bench:
         try:
             stop_control_plane()
         finally:
-            ray.shutdown()
+            if shutdown_ray:
+                ray.shutdown()
             self.loop.call_soon_threadsafe(self.loop.stop)
 
 
@@ -253,27 +276,11 @@ def calibrate(bench: Bench, window: list[TraceRequest], seed: int) -> dict[str, 
 
 
 def write_png(results: dict[str, list], path: Path) -> None:
-    import matplotlib
+    def samples(records: list, metric: str) -> list[float]:
+        return [v for r in records if r.error is None and (v := getattr(r, metric)) is not None]
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for name, records in results.items():
-        for ax, metric in zip(axes, ("ttft_ms", "tpot_ms"), strict=True):
-            values = sorted(v for r in records if r.error is None and (v := getattr(r, metric)) is not None)
-            if values:
-                ax.step(values, [(i + 1) / len(values) for i in range(len(values))], where="post", label=name)
-    for ax, title in zip(axes, ("TTFT", "TPOT"), strict=True):
-        ax.set_xscale("log")
-        ax.set_xlabel(f"{title} (ms, log scale)")
-        ax.set_ylabel("fraction of requests")
-        ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.suptitle("routing policies on one replayed trace window")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    series = {name: (samples(rs, "ttft_ms"), samples(rs, "tpot_ms")) for name, rs in results.items()}
+    write_latency_cdfs(series, path, title="routing policies on one replayed trace window")
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -281,7 +288,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from router.registry import make_policy
 
     for name in policies:
-        make_policy(name)  # fail fast on a typo
+        policy, _, option = name.partition("+")
+        make_policy(policy)  # fail fast on a typo
+        if option not in ("", "admission"):
+            raise SystemExit(f"unknown policy option {option!r} in {name!r}; the only one is +admission")
     window = trace_window(
         args.trace,
         seed=args.seed,
@@ -320,10 +330,32 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             bench.close()
     if args.png is not None:
         write_png(results, args.png)
-    return summarize(args, cal, rate_scale, len(requests), ttft_slo, tpot_slo, reports)
+    sweep = slo_sweep(results, ttft_ms=ttft_slo, tpot_ms=tpot_slo, duration_s=args.duration)
+    return summarize(args, cal, rate_scale, len(requests), ttft_slo, tpot_slo, reports, sweep)
 
 
-def summarize(args, cal, rate_scale, num_requests, ttft_slo, tpot_slo, reports) -> dict[str, Any]:
+def slo_sweep(results: dict[str, list], *, ttft_ms: float, tpot_ms: float, duration_s: float) -> list[dict[str, Any]]:
+    """Attainment, goodput and the comparison at looser and tighter SLOs (DistServe's "SLO scale"), same runs."""
+    sweep = []
+    for scale in SLO_SCALES:
+        reports = {
+            name: slo_report(records, ttft_ms=ttft_ms * scale, tpot_ms=tpot_ms * scale, duration_s=duration_s)
+            for name, records in results.items()
+        }
+        sweep.append(
+            {
+                "slo_scale": scale,
+                "slo": {"ttft_ms": round(ttft_ms * scale, 1), "tpot_ms": round(tpot_ms * scale, 2)},
+                "slo_attainment": {name: r["slo_attainment"] for name, r in reports.items()},
+                "goodput_rps": {name: r["goodput_rps"] for name, r in reports.items()},
+                "vs_best_baseline": compare(reports),
+            }
+        )
+    return sweep
+
+
+def compare(reports: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Each non-baseline policy against the best baseline on SLO violations and goodput."""
     baselines = {name: r for name, r in reports.items() if name in BASELINES}
     candidates = {name: r for name, r in reports.items() if name not in BASELINES}
     comparison = {}
@@ -340,6 +372,10 @@ def summarize(args, cal, rate_scale, num_requests, ttft_slo, tpot_slo, reports) 
                 and best_goodput > 0
                 and r["goodput_rps"] / best_goodput >= 1.2,
             }
+    return comparison
+
+
+def summarize(args, cal, rate_scale, num_requests, ttft_slo, tpot_slo, reports, sweep) -> dict[str, Any]:
     return {
         "benchmark": "routing",
         "trace": str(args.trace.name),
@@ -354,7 +390,8 @@ def summarize(args, cal, rate_scale, num_requests, ttft_slo, tpot_slo, reports) 
         "calibration": {k: round(v, 2) for k, v in cal.items()},
         "slo": {"ttft_ms": round(ttft_slo, 1), "tpot_ms": round(tpot_slo, 2)},
         "policies": reports,
-        "vs_best_baseline": comparison,
+        "vs_best_baseline": compare(reports),
+        "slo_scale_sweep": sweep,
         "target": "candidate has >= 25% fewer SLO violations and >= 1.2x goodput than the best baseline",
     }
 

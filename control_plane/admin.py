@@ -19,6 +19,7 @@ from control_plane.controller import Controller, PoolInfo
 from control_plane.spec import SpecError
 from control_plane.state import AlreadyExistsError, ConflictError, NotFoundError, StateError
 from protos.raylane.v1 import control_pb2, control_pb2_grpc
+from workers.messages import MigrationReport
 
 logger = logging.getLogger(__name__)
 
@@ -62,9 +63,31 @@ def pool_to_proto(info: PoolInfo) -> control_pb2.PoolInfo:
             message.kv_blocks_total = s.kv_blocks_total
             message.output_tokens_per_s = s.output_tokens_per_s
             message.adapters.extend(s.adapters)
+            m = s.migration
+            message.num_migrations_started = m.num_started
+            message.num_migrations_committed = m.num_committed
+            message.num_migrations_aborted = m.num_aborted
+            message.migration_bytes_moved = m.bytes_moved
+            message.migration_last_downtime_ms = m.last_downtime_ms
+        message.draining = w.is_draining
         workers.append(message)
     return control_pb2.PoolInfo(
         deployment=info.deployment, role=info.role, desired_replicas=info.desired_replicas, workers=workers
+    )
+
+
+def migration_to_proto(report: MigrationReport) -> control_pb2.MigrationResult:
+    return control_pb2.MigrationResult(
+        request_id=report.request_id,
+        source_id=report.source_id,
+        destination_id=report.destination_id,
+        outcome=report.outcome,
+        reason=report.reason,
+        num_stages=report.num_stages,
+        num_blocks_copied=report.num_blocks_copied,
+        bytes_moved=report.bytes_moved,
+        downtime_ms=report.downtime_ms,
+        total_ms=report.total_ms,
     )
 
 
@@ -155,6 +178,33 @@ class AdminServicer(control_pb2_grpc.ControlPlaneServicer):
                 last_loop_ms=stats.last_loop_ms,
                 num_errors=stats.num_errors,
                 num_workers_replaced=stats.num_workers_replaced,
+                num_rebalance_migrations=stats.num_rebalance_migrations,
+                num_rebalance_committed=stats.num_rebalance_committed,
             ),
             pools=[pool_to_proto(i) for i in infos],
+        )
+
+    @_handled
+    def Migrate(self, request):
+        if not request.request_id:
+            raise ValueError("request_id is required (as routers name it: <tenant>/<request id>)")
+        report = self.controller.triggers.migrate(request.request_id, request.destination_worker_id)
+        self.store.append_event(
+            "request_migrated", request_id=report.request_id, destination=report.destination_id, outcome=report.outcome
+        )
+        return control_pb2.MigrateResponse(result=migration_to_proto(report))
+
+    @_handled
+    def Drain(self, request):
+        if not request.worker_id:
+            raise ValueError("worker_id is required")
+        if request.timeout_s < 0:
+            raise ValueError(f"timeout_s must be >= 0 (0: the default), got {request.timeout_s}")
+        report = self.controller.triggers.drain(
+            request.worker_id, scale_down=request.scale_down, timeout_s=request.timeout_s
+        )
+        return control_pb2.DrainResponse(
+            migrations=[migration_to_proto(m) for m in report.migrations],
+            num_remaining=report.num_remaining,
+            stopped=report.stopped,
         )

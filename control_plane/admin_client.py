@@ -69,6 +69,16 @@ class AdminClient:
         request = control_pb2.RegisterAdapterRequest(adapter=convert.adapter_to_proto(adapter))
         self._call(self._stub.RegisterAdapter, request)
 
+    def migrate(self, request_id: str, destination_worker_id: str = "") -> control_pb2.MigrationResult:
+        """Move a running request live; empty destination lets the control plane pick one."""
+        request = control_pb2.MigrateRequest(request_id=request_id, destination_worker_id=destination_worker_id)
+        return self._call(self._stub.Migrate, request).result
+
+    def drain(self, worker_id: str, *, scale_down: bool = False, timeout_s: float = 0.0) -> control_pb2.DrainResponse:
+        """Move every request off a worker, then stop it (blocks until done; mind the client timeout)."""
+        request = control_pb2.DrainRequest(worker_id=worker_id, scale_down=scale_down, timeout_s=timeout_s)
+        return self._call(self._stub.Drain, request)
+
     def status(self) -> control_pb2.ClusterStatusResponse:
         return self._call(self._stub.ClusterStatus, control_pb2.ClusterStatusRequest())
 

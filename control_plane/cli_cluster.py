@@ -467,3 +467,6 @@ def register(app: typer.Typer) -> None:
     from control_plane.cli_router import router_app
 
     app.add_typer(router_app, name="router")
+    from control_plane import cli_migrate
+
+    cli_migrate.register(app)

@@ -10,6 +10,8 @@ from typing import Any
 
 import yaml
 
+from router.registry import DEFAULT_POLICY
+
 ENV_PREFIX = "RAYLANE_"
 DEFAULT_STATE_DIR = "~/.raylane"
 
@@ -35,10 +37,14 @@ class ControlPlaneConfig:
     e.g. the Helm chart's router Deployment)."""
     reconcile_interval_s: float = 1.0
     """Pause between reconcile passes."""
-    router_policy: str = "least_loaded"
+    router_policy: str = DEFAULT_POLICY
     """Routing policy of the routers the control plane starts (names in router/registry.py)."""
     router_admission: bool = False
     """Predictive KV admission in those routers (queue instead of overflowing a worker's KV)."""
+    router_max_failovers: int = 3
+    """Workers a request may lose mid-stream (resumed elsewhere by recompute) before its client gets UNAVAILABLE."""
+    rebalance_interval_s: float = 0.0
+    """Seconds between passes of the live-migration rebalancer in the reconcile loop; 0 (the default) turns it off."""
 
     def __post_init__(self) -> None:
         # Absolute now, in the caller's directory: the actor that uses it runs elsewhere.
@@ -52,6 +58,12 @@ class ControlPlaneConfig:
             raise ValueError(f"num_routers must be an integer >= 0, got {self.num_routers!r}")
         if self.reconcile_interval_s <= 0:
             raise ValueError(f"reconcile_interval_s must be positive, got {self.reconcile_interval_s}")
+        if self.rebalance_interval_s < 0:
+            raise ValueError(f"rebalance_interval_s must be >= 0 (0 disables), got {self.rebalance_interval_s}")
+        if isinstance(self.router_max_failovers, bool) or not isinstance(self.router_max_failovers, int):
+            raise ValueError(f"router_max_failovers must be an integer, got {self.router_max_failovers!r}")
+        if self.router_max_failovers < 0:
+            raise ValueError(f"router_max_failovers must be >= 0, got {self.router_max_failovers}")
 
     @property
     def state_path(self) -> Path:

@@ -17,6 +17,7 @@ import ray
 from control_plane.admin import AdminServicer
 from control_plane.config import ControlPlaneConfig
 from control_plane.controller import Controller
+from control_plane.learned_state import load_learned, save_learned
 from control_plane.redis_server import EmbeddedRedis, connect
 from control_plane.spec import TenantSpec
 from protos.raylane.v1 import control_pb2, control_pb2_grpc
@@ -53,7 +54,7 @@ class ControlPlane:
             return self.info
         self.config.state_path.mkdir(parents=True, exist_ok=True)
         store, self._redis = await asyncio.to_thread(connect, self.config.redis_url, self.config.state_path)
-        self.controller = Controller(store)
+        self.controller = Controller(store, rebalance_interval_s=self.config.rebalance_interval_s)
         state_url = self.config.redis_url or (self._redis.url if self._redis else "")
         # Converge once before serving, so routers start with the pools that already exist.
         await asyncio.to_thread(self.controller.reconcile_once)
@@ -88,6 +89,7 @@ class ControlPlane:
                 port=port,
                 policy=self.config.router_policy,
                 admission=self.config.router_admission,
+                max_failovers=self.config.router_max_failovers,
             )
             self._routers.append(RouterActor.options(name=f"raylane:router:{i}").remote(config, me))
         return list(await asyncio.gather(*(r.start.remote() for r in self._routers)))
@@ -127,6 +129,16 @@ class ControlPlane:
             return None if api_key is None else store.add_key(tenant, api_key)
 
         return await asyncio.to_thread(run)
+
+    async def save_learned(self, name: str, router_id: str, data: dict[str, Any]) -> None:
+        """Keep what router `router_id` learned (e.g. its length predictor) in the state store."""
+        assert self.controller is not None, "start() first"
+        await asyncio.to_thread(save_learned, self.controller.store, name, router_id, data)
+
+    async def load_learned(self, name: str) -> dict[str, Any] | None:
+        """The freshest snapshot of `name` any router saved, for a router that is starting."""
+        assert self.controller is not None, "start() first"
+        return await asyncio.to_thread(load_learned, self.controller.store, name)
 
     async def cluster_info(self) -> ClusterInfo | None:
         return self.info

@@ -8,17 +8,21 @@ the other steps still run.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import ray
 
+from control_plane.migrations import MigrationTriggerConfig, MigrationTriggers, WorkerRef
 from control_plane.pools import PoolKey, PoolManager
 from control_plane.spec import DeploymentSpec, PoolSpec
 from control_plane.state import StateSnapshot, StateStore
+from router.complexity import TierGroup
 from router.quota import QuotaLimits
 from router.server import RoutingState, WorkerEntry
 from router.table import DeploymentRoute, RoutingTable
@@ -36,6 +40,10 @@ class ReconcileStats:
     num_loops: int = 0
     num_errors: int = 0
     num_workers_replaced: int = 0
+    num_rebalance_migrations: int = 0
+    """Migrations the periodic rebalancer started."""
+    num_rebalance_committed: int = 0
+    """Of those, committed."""
     last_loop_ms: float = 0.0
     step_ms: dict[str, float] = field(default_factory=dict)
     """Duration of each sub-step in the last loop."""
@@ -47,6 +55,7 @@ class WorkerInfo:
     role: str
     state: str
     stats: WorkerStats | None = None
+    is_draining: bool = False
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -68,6 +77,7 @@ def engine_config(spec: DeploymentSpec) -> EngineConfig:
         max_num_batched_tokens=e.max_num_batched_tokens,
         max_num_seqs=e.max_num_seqs,
         enable_prefix_caching=e.enable_prefix_caching,
+        short_prompt_tokens=e.short_prompt_tokens,
         max_loras=e.max_loras,
         max_lora_rank=e.max_lora_rank,
         num_threads=1,
@@ -97,15 +107,51 @@ def routing_table(snapshot: StateSnapshot) -> RoutingTable:
         },
         key_hashes=dict(snapshot.key_hashes),
         adapter_owners={key: adapter.tenant for key, adapter in snapshot.adapters.items()},
+        groups=tier_groups(snapshot.deployments),
     )
+
+
+def tier_groups(deployments: Mapping[str, DeploymentSpec]) -> dict[str, TierGroup]:
+    """Groups with exactly one small and one large deployment; any other shape is logged and left unroutable."""
+    members: dict[str, dict[str, list[str]]] = {}
+    for name, spec in sorted(deployments.items()):
+        if spec.group:
+            members.setdefault(spec.group, {"small": [], "large": []})[spec.tier].append(name)
+    groups = {}
+    for group, tiers in members.items():
+        if group in deployments or len(tiers["small"]) != 1 or len(tiers["large"]) != 1:
+            logger.warning(
+                "tier group not routable group=%s small=%s large=%s (needs one of each, and a name no deployment has)",
+                group,
+                tiers["small"],
+                tiers["large"],
+            )
+            continue
+        groups[group] = TierGroup(small=tiers["small"][0], large=tiers["large"][0])
+    return groups
 
 
 class Controller:
     """Desired state (the store) versus actual state (the pools), and the views derived from both."""
 
-    def __init__(self, store: StateStore, *, make_pool: Callable[..., PoolManager] = PoolManager) -> None:
+    def __init__(
+        self,
+        store: StateStore,
+        *,
+        make_pool: Callable[..., PoolManager] = PoolManager,
+        rebalance_interval_s: float = 0.0,
+        triggers: MigrationTriggerConfig | None = None,
+    ) -> None:
+        """`rebalance_interval_s` > 0 runs the migration rebalancer at most that often (0: never)."""
+        if rebalance_interval_s < 0:
+            raise ValueError(f"rebalance_interval_s must be >= 0 (0 disables), got {rebalance_interval_s}")
         self.store = store
         self._make_pool = make_pool
+        # Reconcile passes and a drain's final stop both change pools; they take turns.
+        self._lock = threading.RLock()
+        self.triggers = MigrationTriggers(lambda: self.pools, stop_worker=self._stop_drained, config=triggers)
+        self.rebalance_interval_s = rebalance_interval_s
+        self._last_rebalance = 0.0
         self.pools: dict[PoolKey, PoolManager] = {}
         self._fingerprints: dict[PoolKey, tuple] = {}
         self._desired_replicas: dict[PoolKey, int] = {}
@@ -119,17 +165,25 @@ class Controller:
     def reconcile_once(self) -> None:
         """One pass; never raises."""
         start = time.perf_counter()
-        for name, step in (("pools", self._sync_pools), ("health", self._heal), ("adapters", self._sync_adapters)):
-            step_start = time.perf_counter()
-            try:
-                step()
-            except Exception:
-                self.stats.num_errors += 1
-                logger.exception("reconcile step failed step=%s", name)
-            finally:
-                self.stats.step_ms[name] = (time.perf_counter() - step_start) * 1e3
+        with self._lock:
+            for name, step in (("pools", self._sync_pools), ("health", self._heal), ("adapters", self._sync_adapters)):
+                self._run_step(name, step)
+        # Outside the lock: a rebalance waits on migrations, and a drain's stop must not wait on it.
+        if self.rebalance_interval_s and time.monotonic() - self._last_rebalance >= self.rebalance_interval_s:
+            self._last_rebalance = time.monotonic()
+            self._run_step("rebalance", self._rebalance)
         self.stats.num_loops += 1
         self.stats.last_loop_ms = (time.perf_counter() - start) * 1e3
+
+    def _run_step(self, name: str, step: Callable[[], None]) -> None:
+        step_start = time.perf_counter()
+        try:
+            step()
+        except Exception:
+            self.stats.num_errors += 1
+            logger.exception("reconcile step failed step=%s", name)
+        finally:
+            self.stats.step_ms[name] = (time.perf_counter() - step_start) * 1e3
 
     def _sync_pools(self) -> None:
         desired = {
@@ -190,6 +244,35 @@ class Controller:
                     loaded.add(name)
                     logger.info("adapter pushed worker_id=%s adapter=%s", worker_id, name)
 
+    def _rebalance(self) -> None:
+        reports = self.triggers.rebalance_once()
+        self.stats.num_rebalance_migrations += len(reports)
+        self.stats.num_rebalance_committed += sum(r.outcome == "committed" for r in reports)
+
+    def _stop_drained(self, ref: WorkerRef, scale_down: bool) -> None:
+        """Stop a drained worker; with `scale_down`, its pool's desired replicas drop by one so none replaces it."""
+        with self._lock:
+            if scale_down:
+                self._lower_replicas(ref.key)
+            pool = self.pools.get(ref.key)
+            if pool is not None and ref.worker_id in pool.workers():
+                pool.remove(ref.worker_id)
+                self._loaded_adapters.pop(ref.worker_id, None)
+            self.store.append_event("worker_drained", worker_id=ref.worker_id, scale_down=int(scale_down))
+
+    def _lower_replicas(self, key: PoolKey) -> None:
+        found = self.store.get_deployment(key.deployment)
+        if found is None:
+            return
+        spec, version = found
+        pools = tuple(
+            dataclasses.replace(p, replicas=max(p.replicas - 1, 0)) if p.role == key.role else p for p in spec.pools
+        )
+        self.store.put_deployment(dataclasses.replace(spec, pools=pools), expected_version=version)
+        desired = next(p.replicas for p in pools if p.role == key.role)
+        self._desired_replicas[key] = desired
+        logger.info("pool scaled deployment=%s role=%s to=%d reason=drain", key.deployment, key.role, desired)
+
     def _remove_pool(self, key: PoolKey, *, reason: str) -> None:
         pool = self.pools.pop(key)
         for worker_id in pool.workers():
@@ -222,6 +305,8 @@ class Controller:
         workers: dict[str, WorkerEntry] = {}
         for key, pool in list(self.pools.items()):
             for worker_id, handle in pool.workers().items():
+                if worker_id in self.triggers.draining:
+                    continue  # routers place nothing new on it; its streams keep their own handles
                 workers[worker_id] = WorkerEntry(
                     worker_id=worker_id, deployment=key.deployment, role=key.role, handle=handle
                 )
@@ -247,7 +332,13 @@ class Controller:
         infos = []
         for key, pool in pools:
             workers = tuple(
-                WorkerInfo(worker_id=wid, role=key.role, state=state, stats=stats.get(wid))
+                WorkerInfo(
+                    worker_id=wid,
+                    role=key.role,
+                    state=state,
+                    stats=stats.get(wid),
+                    is_draining=wid in self.triggers.draining,
+                )
                 for wid, state in sorted(pool.worker_states().items())
             )
             infos.append(

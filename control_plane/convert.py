@@ -31,8 +31,11 @@ def deployment_from_proto(message: control_pb2.DeploymentSpec) -> DeploymentSpec
         }
         if message.engine.HasField("enable_prefix_caching"):
             data["engine"]["enable_prefix_caching"] = message.engine.enable_prefix_caching
+        data["engine"]["short_prompt_tokens"] = message.engine.short_prompt_tokens
     if message.HasField("slo"):
         data["slo"] = {"ttft_ms_p99": message.slo.ttft_ms_p99 or None, "tpot_ms_p99": message.slo.tpot_ms_p99 or None}
+    if message.group or message.tier:
+        data["group"], data["tier"] = message.group, message.tier
     return DeploymentSpec.from_dict(data, "spec")
 
 
@@ -48,6 +51,8 @@ def deployment_to_proto(spec: DeploymentSpec) -> control_pb2.DeploymentSpec:
         adapters=[adapter_to_proto(a) for a in spec.adapters],
         engine=control_pb2.EngineOptions(**spec.engine.to_dict()),
         slo=control_pb2.SloTargets(ttft_ms_p99=spec.slo.ttft_ms_p99 or 0.0, tpot_ms_p99=spec.slo.tpot_ms_p99 or 0.0),
+        group=spec.group,
+        tier=spec.tier,
     )
 
 

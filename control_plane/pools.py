@@ -197,6 +197,16 @@ class PoolManager:
         self._start(replica.index, replica.slot)
         logger.info("worker replaced pool=%s worker_id=%s was=%s", self._label, worker_id, was)
 
+    def remove(self, worker_id: str) -> None:
+        """Stop one replica for good (after a drain): the pool shrinks by one until the next `ensure_replicas`."""
+        replica = self._replicas.pop(worker_id, None)
+        if replica is None:
+            raise ValueError(f"pool {self._label} has no worker {worker_id!r}; it has {sorted(self._replicas)}")
+        self._kill(replica)
+        self._free_slots.append(replica.slot)
+        self._release_empty_groups()
+        logger.info("worker removed pool=%s worker_id=%s", self._label, worker_id)
+
     def shutdown(self) -> None:
         """Kill every actor and remove every placement group of the pool."""
         for replica in self._replicas.values():

@@ -19,6 +19,7 @@ import yaml
 
 ROLES = ("prefill", "decode", "mixed")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+TIERS = ("small", "large")
 NAME_PATTERN = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
 
 
@@ -180,6 +181,8 @@ class EngineOptions:
     """Largest LoRA rank a worker accepts."""
     enable_prefix_caching: bool = True
     """Reuse KV blocks across requests that share a prefix."""
+    short_prompt_tokens: int = 0
+    """LAPS in time on each worker: waiting prompts of at most this many tokens start first; 0 is FCFS."""
 
     _INT_FIELDS: ClassVar[tuple[str, ...]] = (
         "block_size",
@@ -193,6 +196,7 @@ class EngineOptions:
     def __post_init__(self) -> None:
         for name in self._INT_FIELDS:
             _check_int(name, getattr(self, name), minimum=1)
+        _check_int("short_prompt_tokens", self.short_prompt_tokens, minimum=0)
         if self.block_size & (self.block_size - 1):
             raise SpecError("block_size", f"must be a power of two, got {self.block_size}")
         if not isinstance(self.enable_prefix_caching, bool):
@@ -273,9 +277,19 @@ class DeploymentSpec:
     """Engine options for every worker of the deployment."""
     slo: SloTargets = field(default_factory=SloTargets)
     """Latency targets for the autoscaler."""
+    group: str = ""
+    """Tier group: deployments sharing it serve one task with a small and a large model; clients may address
+    the group and the router picks the tier by prompt complexity. Empty: not in a group."""
+    tier: str = ""
+    """`small` or `large` within `group`; empty exactly when `group` is."""
 
     def __post_init__(self) -> None:
         _check_name("name", self.name)
+        if self.group or self.tier:
+            _check_name("group", self.group)
+            _check_choice("tier", self.tier, TIERS)
+            if self.group == self.name:
+                raise SpecError("group", f"must differ from the deployment's own name {self.name!r}")
         _check_text("model", self.model)
         _check_choice("dtype", self.dtype, DTYPES)
         _check_items(self, "pools", PoolSpec)
@@ -331,6 +345,7 @@ class DeploymentSpec:
             "adapters": [a.to_dict() for a in self.adapters],
             "engine": self.engine.to_dict(),
             "slo": self.slo.to_dict(),
+            **({"group": self.group, "tier": self.tier} if self.group else {}),
         }
 
     @classmethod

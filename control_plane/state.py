@@ -132,6 +132,11 @@ class StateStore:
         """The underlying Redis client."""
         return self._client
 
+    @property
+    def prefix(self) -> str:
+        """Prefix of every key this store owns (`raylane:` by default)."""
+        return self._prefix
+
     def ping(self) -> bool:
         try:
             return bool(self._client.ping())

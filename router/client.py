@@ -108,8 +108,10 @@ def build_request(
     ignore_eos: bool = False,
     request_id: str = "",
     priority: int = 0,
+    tier: str = "",
 ) -> router_pb2.GenerateRequest:
-    """A `GenerateRequest`; `prompt` is text, or token ids."""
+    """A `GenerateRequest`; `prompt` is text, or token ids. `tier` pins `small`/`large` when `deployment` is a
+    tier group."""
     sampling = router_pb2.SamplingOptions(
         max_tokens=max_tokens,
         temperature=temperature,
@@ -122,7 +124,12 @@ def build_request(
     if seed is not None:
         sampling.seed = seed
     request = router_pb2.GenerateRequest(
-        deployment=deployment, adapter=adapter or "", sampling=sampling, request_id=request_id, priority=priority
+        deployment=deployment,
+        adapter=adapter or "",
+        sampling=sampling,
+        request_id=request_id,
+        priority=priority,
+        tier=tier,
     )
     if isinstance(prompt, str):
         request.prompt = prompt

@@ -19,7 +19,8 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from router.admission import AdmissionController
-from router.dispatch import WorkerClient, run_placed
+from router.complexity import TierSelector, TierSelectorConfig
+from router.dispatch import FailoverConfig, WorkerClient, run_placed
 from router.errors import (
     InvalidArgument,
     PermissionDenied,
@@ -66,6 +67,8 @@ class GenerateInput:
     ignore_eos: bool = False
     request_id: str = ""
     priority: int = 0
+    tier: str = ""
+    """When `deployment` names a tier group: `small` or `large` pins the tier; empty lets complexity choose."""
 
 
 class Directory(Protocol):
@@ -78,6 +81,9 @@ class Directory(Protocol):
     def clients(self) -> Mapping[str, WorkerClient]: ...
 
     # Optional: `async def refresh_table(self) -> None` pulls the table now (see `RouterCore._admit_fresh`).
+    # Optional: `def mark_unhealthy(self, worker_id: str) -> None` keeps a worker a request lost out of placement.
+    # Optional: `def tokenize(self, deployment: str, text: str) -> tuple[int, ...] | None` tokenizes a text prompt
+    # without blocking (None: tokenizer not loaded); the router then routes on, and sends, token ids.
 
 
 class RouterCore:
@@ -91,8 +97,11 @@ class RouterCore:
         quotas: QuotaTracker | None = None,
         predictor: LengthPredictor | None = None,
         admission: AdmissionController | None = None,
+        failover: FailoverConfig | None = None,
+        tiers: TierSelectorConfig | None = None,
     ):
         self.directory = directory
+        self.failover = failover or FailoverConfig()
         self.policy = policy or LeastLoadedPolicy()
         self.quotas = quotas or QuotaTracker()
         self.predictor = predictor
@@ -104,6 +113,9 @@ class RouterCore:
         self._ledger_keys = itertools.count()
         self._last_forced_refresh = 0.0
         self._forced_refresh: asyncio.Future | None = None
+        self.tier_config = tiers or TierSelectorConfig()
+        self._tier_selectors: dict[str, TierSelector] = {}
+        """Tier group name -> its selector; each calibrates on its own group's traffic."""
 
     def authenticate(self, api_key: str | None) -> str:
         """The tenant behind `api_key`, or `Unauthenticated`."""
@@ -119,17 +131,19 @@ class RouterCore:
         table = self.directory.table()
         if not inp.deployment:
             raise InvalidArgument("deployment is required")
-        if inp.deployment not in table.deployments:
-            raise InvalidArgument(f"unknown deployment {inp.deployment!r}; known: {sorted(table.deployments)}")
+        deployment = self._resolve_tier(table, inp)
+        if deployment not in table.deployments:
+            known = sorted([*table.deployments, *table.groups])
+            raise InvalidArgument(f"unknown deployment {deployment!r}; known deployments and tier groups: {known}")
         if bool(inp.prompt) == bool(inp.prompt_token_ids):
             raise InvalidArgument("give exactly one of prompt or prompt_token_ids (non-empty)")
         if len(inp.prompt) > MAX_PROMPT_CHARS:
             raise InvalidArgument(f"prompt is {len(inp.prompt)} characters; the limit is {MAX_PROMPT_CHARS}")
         adapter = inp.adapter or None
         if adapter is not None:
-            owner = table.adapter_owners.get((inp.deployment, adapter))
+            owner = table.adapter_owners.get((deployment, adapter))
             if owner is None:
-                raise InvalidArgument(f"unknown adapter {adapter!r} for deployment {inp.deployment!r}")
+                raise InvalidArgument(f"unknown adapter {adapter!r} for deployment {deployment!r}")
             if owner != tenant:
                 raise PermissionDenied(f"adapter {adapter!r} belongs to another tenant")
         try:
@@ -146,24 +160,50 @@ class RouterCore:
         except InvalidRequestError as exc:
             raise InvalidArgument(str(exc)) from None
         request_id = f"{tenant}/{inp.request_id or uuid.uuid4().hex}"
+        token_ids = tuple(inp.prompt_token_ids) or self._tokenize(deployment, inp.prompt)
         call = GenerateCall(
             request_id=request_id,
-            prompt=inp.prompt or None,
-            prompt_token_ids=tuple(inp.prompt_token_ids) or None,
+            prompt=None if token_ids else inp.prompt,
+            prompt_token_ids=token_ids or None,
             sampling=sampling,
             adapter=adapter,
             priority=inp.priority,
         )
-        estimate = len(inp.prompt_token_ids) or len(inp.prompt) // 4 + 1
+        estimate = len(token_ids) if token_ids else len(inp.prompt) // 4 + 1
         route = RouteRequest(
             request_id=request_id,
-            deployment=inp.deployment,
+            deployment=deployment,
             tenant=tenant,
             adapter=adapter,
             num_prompt_tokens_estimate=estimate,
             max_tokens=sampling.max_tokens,
+            prompt_token_ids=call.prompt_token_ids,
         )
         return call, route
+
+    def _tokenize(self, deployment: str, text: str) -> tuple[int, ...] | None:
+        # The worker would tokenize anyway; doing it here lets prefix affinity hash the prompt, and is exact
+        # because router and worker use the same tokenizer class on the same model folder.
+        tokenize = getattr(self.directory, "tokenize", None)
+        if tokenize is None or not text:
+            return None
+        return tokenize(deployment, text) or None
+
+    def _resolve_tier(self, table: RoutingTable, inp: GenerateInput) -> str:
+        """The deployment `inp` runs on: itself, or the tier its tier group's selector picks."""
+        if inp.tier not in ("", "small", "large"):
+            raise InvalidArgument(f"tier must be 'small', 'large' or empty, got {inp.tier!r}")
+        group = table.groups.get(inp.deployment)
+        if group is None:
+            if inp.tier:
+                raise InvalidArgument(f"tier applies to tier groups; {inp.deployment!r} is not one")
+            return inp.deployment
+        selector = self._tier_selectors.get(inp.deployment)
+        if selector is None or selector.group != group:
+            selector = self._tier_selectors[inp.deployment] = TierSelector(group, config=self.tier_config)
+        # Token-id prompts carry no text to score: they take the small tier unless they pin one.
+        pinned = inp.tier or (None if inp.prompt else "small")
+        return selector.select(inp.request_id or "-", inp.prompt, pinned_tier=pinned).deployment
 
     async def generate(self, api_key: str | None, inp: GenerateInput) -> AsyncIterator[TokenChunk]:
         """The whole request path; closing the iterator early (cancel, deadline) aborts on the worker."""
@@ -186,9 +226,38 @@ class RouterCore:
             decision = await self._place_admitted(route, ledger_key)
             placed = [w for w in (decision.worker_id, decision.prefill_worker_id) if w]
             self._inflight.update(placed)
+            num_output_tokens = 0
+
+            def replan(lost: frozenset[str]) -> tuple[Decision, Mapping[str, WorkerClient]]:
+                return self._replan(route, lost), self.directory.clients()
+
+            def on_placed(moved: Decision) -> None:
+                # Load accounting follows the request to its new worker (failover or migration).
+                nonlocal placed
+                self._inflight.subtract(placed)
+                placed = [w for w in (moved.worker_id, moved.prefill_worker_id) if w]
+                self._inflight.update(placed)
+                self.kv_ledger.finish(ledger_key)
+                self.kv_ledger.place(
+                    ledger_key,
+                    worker_id=moved.worker_id,
+                    num_prompt_tokens=route.num_prompt_tokens_estimate,
+                    max_tokens=route.max_tokens,
+                    predicted_output_p50=route.predicted_output_p50,
+                    predicted_output_p90=route.predicted_output_p90,
+                )
+                self.kv_ledger.record_tokens(ledger_key, num_output_tokens)
+
             try:
-                num_output_tokens = 0
-                async with aclosing(run_placed(decision, call, self.directory.clients())) as stream:
+                stream = run_placed(
+                    decision,
+                    call,
+                    self.directory.clients(),
+                    replan=replan,
+                    failover=self.failover,
+                    on_placed=on_placed,
+                )
+                async with aclosing(stream):
                     async for chunk in _translate_errors(stream):
                         used_tokens += len(chunk.token_ids)
                         num_output_tokens += len(chunk.token_ids)
@@ -236,6 +305,21 @@ class RouterCore:
 
     def _place(self, route: RouteRequest) -> Decision:
         return self._route(route, self._view())
+
+    def _replan(self, route: RouteRequest, lost: frozenset[str]) -> Decision:
+        """Place a request again after it lost the workers in `lost`, never on one of them."""
+        mark_unhealthy = getattr(self.directory, "mark_unhealthy", None)
+        for worker_id in lost:
+            if mark_unhealthy is not None:
+                mark_unhealthy(worker_id)
+        view = self._view()
+        without_lost = ClusterView(
+            workers={
+                dep: [dataclasses.replace(w, is_healthy=False) if w.worker_id in lost else w for w in workers]
+                for dep, workers in view.workers.items()
+            }
+        )
+        return self._route(route, without_lost)
 
     async def _place_admitted(self, route: RouteRequest, ledger_key: str) -> Decision:
         """Place `route` (through admission when configured) and start tracking it in the KV ledger."""

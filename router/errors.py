@@ -51,3 +51,15 @@ class Unavailable(RouterError):
 
 class DeadlineExceeded(RouterError):
     status = Status.DEADLINE_EXCEEDED
+
+
+class WorkerLost(Unavailable):
+    """The worker serving a request died or became unreachable mid-call (e.g. a Ray actor died).
+
+    Dispatch resumes the request on another worker by recompute; only when the retries run out does
+    the client see `UNAVAILABLE`.
+    """
+
+    def __init__(self, worker_id: str, message: str = "") -> None:
+        super().__init__(message or f"worker {worker_id} was lost", retry_after_s=0.5)
+        self.worker_id = worker_id

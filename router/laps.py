@@ -291,13 +291,22 @@ class LapsPrefillScorer:
         self.partitioner = PrefillPartitioner(splitter.config)
         self.pool = pool
         self.partition_roles = partition_roles
+        # One request is scored against every worker of a pool in turn: partition the pool once per request
+        # object (identity, not id: callers may reuse request ids, and the splitter may have moved since).
+        self._memo_request: RouteRequest | None = None
+        self._memo_pool: tuple[str, str] = ("", "")
+        self._memo_members: frozenset[str] = frozenset()
 
     def score(self, request: RouteRequest, worker: WorkerView) -> float:
         if worker.role not in self.partition_roles:
             return 0.0
-        length_class = self.splitter.classify(request.num_prompt_tokens_estimate)
-        members = self.partitioner.members(self.pool(request, worker), length_class, self.splitter.long_token_share())
-        return 0.0 if worker.worker_id in members else 1.0
+        pool_key = (worker.deployment, worker.role)
+        if request is not self._memo_request or pool_key != self._memo_pool:
+            length_class = self.splitter.classify(request.num_prompt_tokens_estimate)
+            share = self.splitter.long_token_share()
+            self._memo_members = frozenset(self.partitioner.members(self.pool(request, worker), length_class, share))
+            self._memo_request, self._memo_pool = request, pool_key
+        return 0.0 if worker.worker_id in self._memo_members else 1.0
 
 
 # ---- in time: batching shorts, and two queues on one worker ------------------------------------------------------

@@ -44,7 +44,13 @@ class WorkerView:
     kv_blocks_total: int = 0
     """Size of its KV pool in blocks."""
     adapters: frozenset[str] = frozenset()
-    """LoRA adapters resident on it."""
+    """LoRA adapters registered on it (loadable there without fetching weights)."""
+    num_pending_prefill_tokens: int = 0
+    """Prompt tokens queued or mid-prefill on it at its last report: the prefill a new request waits behind."""
+    resident_adapters: frozenset[str] | None = None
+    """Adapters in one of its slots now (None: unknown, `adapters` stands in)."""
+    num_adapter_slots: int = 0
+    """Its adapter slots; with `resident_adapters` it tells whether a load would evict another adapter."""
     num_inflight: int = 0
     """Requests this router sent it that have not finished (fresher than its stats)."""
     kv_blocks_used: int = 0
@@ -57,6 +63,8 @@ class WorkerView:
     """Tokens it generated per second over its recent window, all requests together (0: unknown)."""
     kv_ledger: WorkerKvSnapshot | None = None
     """This router's running requests on it, with their predicted lengths (None: not tracked)."""
+    prefix_block_hashes: frozenset[int] | None = None
+    """`stable_block_hash` of the KV blocks its prefix cache holds (None: it published no summary)."""
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -89,6 +97,8 @@ class RouteRequest:
     """Median output length the router's length predictor expects (None: no predictor)."""
     predicted_output_p90: float | None = None
     """90th-percentile output length the predictor expects."""
+    prompt_token_ids: tuple[int, ...] | None = None
+    """The prompt's token ids when the router has them (prefix-cache affinity hashes them); None: text only."""
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -133,9 +143,8 @@ def pick_least_loaded(candidates: Sequence[WorkerView], request: RouteRequest) -
         raise NoCapacityError(f"no healthy worker for deployment {request.deployment!r}")
     scores = {w.worker_id: load_score(w) for w in candidates}
 
-    def key(w: WorkerView) -> tuple[float, int, str]:
-        cold = int(request.adapter is not None and request.adapter not in w.adapters)
-        return scores[w.worker_id], cold, w.worker_id
+    def key(w: WorkerView) -> tuple[float, float, str]:
+        return scores[w.worker_id], adapter_load_cost(request.adapter, w), w.worker_id
 
     return min(candidates, key=key), scores
 
@@ -152,6 +161,8 @@ class LeastLoadedPolicy:
 
 
 def log_decision(policy: str, request: RouteRequest, decision: Decision) -> None:
+    if not logger.isEnabledFor(logging.INFO):
+        return  # joining every candidate's score costs more than the decision itself at 1,000 workers
     scores = ",".join(f"{wid}:{score:.2f}" for wid, score in sorted(decision.scores.items()))
     logger.info(
         "route request_id=%s policy=%s deployment=%s tenant=%s adapter=%s candidates=%s prefill=%s worker=%s reason=%s",
@@ -234,6 +245,23 @@ class LoadScorer:
         return load_score(worker)
 
 
+@dataclass(kw_only=True, frozen=True)
+class PrefillBacklogScorer:
+    """Queued prefill work in units of `unit_tokens()` prompt tokens: where a prompt would start soonest.
+
+    Request counts mislead a prefill pool: one queued 8k-token prompt delays a newcomer more than three
+    100-token ones. The unit (e.g. a typical prompt length) sets the exchange rate against other terms.
+    """
+
+    unit_tokens: Callable[[], float]
+    """Tokens of backlog that score 1; read per decision so it can follow the traffic."""
+    name: str = "prefill_backlog"
+    """Scorer name in the policy's breakdown."""
+
+    def score(self, request: RouteRequest, worker: WorkerView) -> float:
+        return worker.num_pending_prefill_tokens / max(float(self.unit_tokens()), 1.0)
+
+
 class KvPressureScorer:
     """KV usage in [0, 1]; steers long requests away from workers about to preempt."""
 
@@ -282,13 +310,29 @@ class PredictedKvScorer:
         return predicted_peak_kv_blocks(request, worker, use_p90=self.use_p90) / worker.kv_blocks_total
 
 
+def adapter_load_cost(adapter: str | None, worker: WorkerView) -> float:
+    """What serving `adapter` costs `worker` before its first token, in [0, 1] (lower is cheaper).
+
+    0: none needed or already in a slot; 0.5: registered and a slot is free (a copy into the slot); 0.75:
+    registered but every slot is taken (the copy evicts an adapter other requests may want back); 1: not
+    registered there (weights must be fetched). Without residency reports, registered counts as resident.
+    """
+    if adapter is None:
+        return 0.0
+    if adapter not in worker.adapters:
+        return 1.0
+    if worker.resident_adapters is None or adapter in worker.resident_adapters:
+        return 0.0
+    return 0.5 if len(worker.resident_adapters) < worker.num_adapter_slots else 0.75
+
+
 class AdapterAffinityScorer:
-    """1 when the request needs a LoRA adapter the worker does not hold (a load before the first token), else 0."""
+    """`adapter_load_cost`: prefer workers holding the adapter, else the one where loading it costs least."""
 
     name = "adapter"
 
     def score(self, request: RouteRequest, worker: WorkerView) -> float:
-        return float(request.adapter is not None and request.adapter not in worker.adapters)
+        return adapter_load_cost(request.adapter, worker)
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -299,10 +343,19 @@ class WeightedTerm:
     """The scorer; its `name` must be unique within one policy."""
     weight: float = 1.0
     """Multiplier on the scorer's output; finite and >= 0 (0 keeps it in the log without effect)."""
+    roles: frozenset[str] | None = None
+    """Pools the term applies to (`prefill`, `decode`, `mixed`); None applies it to every pool."""
 
     def __post_init__(self) -> None:
         if not math.isfinite(self.weight) or self.weight < 0:
             raise ValueError(f"weight of scorer {self.scorer.name!r} must be finite and >= 0, got {self.weight}")
+        if self.roles is not None:
+            unknown = set(self.roles) - {"prefill", "decode", "mixed"}
+            if unknown or not self.roles:
+                raise ValueError(
+                    f"roles of scorer {self.scorer.name!r} must be a non-empty subset of prefill, "
+                    f"decode, mixed; got {sorted(self.roles)}"
+                )
 
 
 WorkerPredicate = Callable[[RouteRequest, WorkerView], bool]
@@ -326,9 +379,10 @@ class WeightedPolicy:
     def _init_terms(self, terms: Sequence[WeightedTerm]) -> None:
         if not terms:
             raise ValueError("WeightedPolicy needs at least one WeightedTerm")
-        names = [t.scorer.name for t in terms]
-        if len(set(names)) != len(names):
-            raise ValueError(f"scorer names must be unique within a WeightedPolicy, got {names}")
+        for role in ("prefill", "decode", "mixed"):
+            names = [t.scorer.name for t in terms if t.roles is None or role in t.roles]
+            if len(set(names)) != len(names):
+                raise ValueError(f"scorer names must be unique within a WeightedPolicy's {role} pool, got {names}")
         self.terms = tuple(terms)
 
     def route(self, request: RouteRequest, view: ClusterView) -> Decision:
@@ -356,6 +410,8 @@ class WeightedPolicy:
     def _terms_for(self, request: RouteRequest, worker: WorkerView) -> list[tuple[str, float, float]]:
         parts = []
         for term in self.terms:
+            if term.roles is not None and worker.role not in term.roles:
+                continue
             value = float(term.scorer.score(request, worker))
             if not math.isfinite(value):
                 raise ValueError(f"scorer {term.scorer.name!r} returned {value} for worker {worker.worker_id!r}")

@@ -137,7 +137,9 @@ class PrefixAffinityScorer:
 
     Workers more than `max_load_gap` above their pool's least load score 1, as if they held nothing. Weight
     it in a `WeightedPolicy` by how many queued requests a whole-prompt hit is worth. `pool=None` drops the
-    load bound (only for callers that bound load themselves, as `PrefixAffinityPolicy` does).
+    load bound (only for callers that bound load themselves, as `PrefixAffinityPolicy` does). By default the
+    summaries come from `WorkerView.prefix_block_hashes` and the tokens from `RouteRequest.prompt_token_ids`,
+    so the scorer is a pure function of the view; the providers exist for callers that keep them elsewhere.
     """
 
     name = "prefix"
@@ -146,8 +148,8 @@ class PrefixAffinityScorer:
         self,
         config: PrefixAffinityConfig | None = None,
         *,
-        summaries: SummaryProvider,
-        prompt_tokens: TokenProvider,
+        summaries: SummaryProvider | None = None,
+        prompt_tokens: TokenProvider | None = None,
         pool: PoolProvider | None,
     ) -> None:
         self.config = config or PrefixAffinityConfig()
@@ -157,33 +159,57 @@ class PrefixAffinityScorer:
         self._init_memo()
 
     def _init_memo(self) -> None:
-        # One request is scored against every candidate in turn; hash its prompt once per block size.
-        self._memo_key: tuple[str, int] | None = None
-        self._memo_hashes: list[int] = []
+        # One request is scored against every candidate in turn: hash its prompt once per block size and take
+        # its pool's least load once. Keyed on the request object (callers may reuse request ids).
+        self._memo_request: RouteRequest | None = None
+        self._memo_hashes: dict[int, list[int]] = {}
+        self._memo_min_load: dict[tuple[str, str], float] = {}
+
+    def _memo_for(self, request: RouteRequest) -> None:
+        if request is not self._memo_request:
+            self._memo_request, self._memo_hashes, self._memo_min_load = request, {}, {}
 
     def score(self, request: RouteRequest, worker: WorkerView) -> float:
-        pool = self.pool(request, worker) if self.pool is not None else ()
-        min_load = min((load_score(w) for w in pool), default=load_score(worker))
+        if self.pool is None:
+            return self.miss(request, worker, load_score(worker))
+        self._memo_for(request)
+        key = (worker.deployment, worker.role)
+        min_load = self._memo_min_load.get(key)
+        if min_load is None:
+            pool = self.pool(request, worker)
+            min_load = self._memo_min_load[key] = min((load_score(w) for w in pool), default=load_score(worker))
         return self.miss(request, worker, min_load)
 
     def miss(self, request: RouteRequest, worker: WorkerView, min_load: float) -> float:
         """`bounded_miss` of `request` on `worker`, given the least load of its pool."""
-        summary = self.summaries(worker.worker_id)
+        summary = self._summary(worker)
         if summary is None:
             # Same value as a worker holding nothing, so a silent worker is neither favoured nor shunned.
-            return 0.0 if not self.prompt_tokens(request) else 1.0
+            return 0.0 if not self._prompt_tokens(request) else 1.0
         hashes = self.request_hashes(request, summary.block_size)
         num_matched = longest_prefix_match(hashes, summary.hashes)
         return bounded_miss(num_matched, len(hashes), load_score(worker), min_load, self.config)
 
+    def _summary(self, worker: WorkerView) -> PrefixSummary | None:
+        if self.summaries is not None:
+            return self.summaries(worker.worker_id)
+        if worker.prefix_block_hashes is None:
+            return None
+        return PrefixSummary(block_size=worker.kv_block_size, hashes=worker.prefix_block_hashes)
+
+    def _prompt_tokens(self, request: RouteRequest) -> Sequence[int] | None:
+        return self.prompt_tokens(request) if self.prompt_tokens is not None else request.prompt_token_ids
+
     def request_hashes(self, request: RouteRequest, block_size: int) -> list[int]:
         """Stable hashes of the prompt blocks a worker could serve from cache."""
-        key = (request.request_id, block_size)
-        if key != self._memo_key:
-            tokens = self.prompt_tokens(request) or ()
-            self._memo_hashes = cacheable_prefix_hashes(tokens, block_size, request.adapter, self.config)
-            self._memo_key = key
-        return self._memo_hashes
+        self._memo_for(request)
+        hashes = self._memo_hashes.get(block_size)
+        if hashes is None:
+            tokens = self._prompt_tokens(request) or ()
+            hashes = self._memo_hashes[block_size] = cacheable_prefix_hashes(
+                tokens, block_size, request.adapter, self.config
+            )
+        return hashes
 
 
 def cacheable_prefix_hashes(
@@ -206,8 +232,8 @@ class PrefixAffinityPolicy:
         self,
         config: PrefixAffinityConfig | None = None,
         *,
-        summaries: SummaryProvider,
-        prompt_tokens: TokenProvider,
+        summaries: SummaryProvider | None = None,
+        prompt_tokens: TokenProvider | None = None,
         affinity_weight: float = 4.0,
     ) -> None:
         if not math.isfinite(affinity_weight) or affinity_weight < 0:

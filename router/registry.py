@@ -5,13 +5,13 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from router.baselines import LeastOutstandingPolicy, PowerOfTwoPolicy, RoundRobinPolicy
+from router.full_policy import RaylanePolicy
 from router.policy import (
     AdapterAffinityScorer,
     KvPressureScorer,
     LeastLoadedPolicy,
     LoadScorer,
     Policy,
-    PredictedKvScorer,
     WeightedPolicy,
     WeightedTerm,
 )
@@ -27,27 +27,18 @@ def _weighted() -> Policy:
     return WeightedPolicy(terms, name="weighted")
 
 
-def _raylane() -> Policy:
-    # Predicted KV demand (length-aware: predicted output x KV per token) leads; load and adapter residency follow.
-    terms = (
-        WeightedTerm(scorer=PredictedKvScorer(), weight=4.0),
-        WeightedTerm(scorer=LoadScorer(), weight=0.5),
-        WeightedTerm(scorer=AdapterAffinityScorer(), weight=0.5),
-    )
-    return WeightedPolicy(terms, name="raylane")
-
-
 POLICIES: dict[str, Callable[[], Policy]] = {
     "round_robin": RoundRobinPolicy,
     "least_outstanding": LeastOutstandingPolicy,
     "p2c": lambda: PowerOfTwoPolicy(seed=0),
     "least_loaded": LeastLoadedPolicy,
     "weighted": _weighted,
-    "raylane": _raylane,
+    "raylane": RaylanePolicy,
 }
 """Every policy a router can run; baselines are kept for comparison (bench/routing.py)."""
 
-DEFAULT_POLICY = "least_loaded"
+DEFAULT_POLICY = "raylane"
+"""The full policy (router/full_policy.py): what a router runs unless told otherwise."""
 
 
 def make_policy(name: str) -> Policy:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,8 +20,8 @@ import ray
 
 from router.admission import AdmissionConfig, AdmissionController
 from router.core import RouterCore
-from router.dispatch import WorkerClient
-from router.errors import InvalidArgument, Unavailable
+from router.dispatch import FailoverConfig, WorkerClient
+from router.errors import InvalidArgument, Unavailable, WorkerLost
 from router.length_predictor import LengthPredictor
 from router.policy import ClusterView, WorkerView
 from router.registry import DEFAULT_POLICY, make_policy
@@ -55,13 +55,19 @@ class RouterConfig:
     """Predictive admission: queue a request rather than place it where its KV forecast would overflow."""
     admission_headroom: float = 0.95
     """Share of a worker's KV pool admission may plan to fill (above 1 overcommits, betting on early finishes)."""
+    predictor_save_s: float = 30.0
+    """How often the length predictor is saved to the state store (and at stop); a new router loads the freshest."""
+    max_failovers: int = 3
+    """Workers a request may lose mid-stream (resumed elsewhere by recompute) before it fails with UNAVAILABLE."""
 
     def __post_init__(self) -> None:
         make_policy(self.policy)  # a typo fails here, at startup, with the list of names
         if not 0 <= self.port < 65536:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
-        if self.table_refresh_s <= 0 or self.stats_refresh_s <= 0 or self.stats_timeout_s <= 0:
+        if min(self.table_refresh_s, self.stats_refresh_s, self.stats_timeout_s, self.predictor_save_s) <= 0:
             raise ValueError("refresh intervals and timeouts must be positive")
+        if self.max_failovers < 0:
+            raise ValueError(f"max_failovers must be >= 0, got {self.max_failovers}")
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -85,41 +91,67 @@ class RoutingState:
     """Deployment -> model folder (for token counting)."""
 
 
+_LOST_ERRORS = (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError)
+"""Ray's ways of saying the actor died or cannot be reached: the router fails the request over."""
+
+
 class RayWorkerClient:
-    """`WorkerClient` over a worker actor: Ray streaming generators, cancelled when the consumer leaves."""
+    """`WorkerClient` over a worker actor: Ray streaming generators, cancelled when the consumer leaves.
+
+    Ray's actor-died errors become `WorkerLost`, which dispatch answers with a failover.
+    """
 
     def __init__(self, worker_id: str, handle: Any) -> None:
         self.worker_id = worker_id
         self.handle = handle
 
     async def generate(self, call: GenerateCall) -> AsyncIterator[TokenChunk]:
-        async with _cancel_unless_done(self.handle.generate.remote(call)) as stream:
+        async with self._stream(self.handle.generate.remote(call)) as stream:
             async for chunk in stream:
                 yield chunk
 
     async def prefill(self, call: GenerateCall) -> tuple[PrefillResult, Any]:
         first_ref, kv_ref = self.handle.prefill.remote(call)
-        return await first_ref, kv_ref
+        try:
+            return await first_ref, kv_ref
+        except _LOST_ERRORS as exc:
+            raise self._lost(exc) from None
 
     async def decode(self, kv: Any, call: GenerateCall) -> AsyncIterator[TokenChunk]:
-        async with _cancel_unless_done(self.handle.decode.remote(kv, call)) as stream:
+        async with self._stream(self.handle.decode.remote(kv, call)) as stream:
+            async for chunk in stream:
+                yield chunk
+
+    async def attach(self, request_id: str, from_seq: int) -> AsyncIterator[TokenChunk]:
+        async with self._stream(self.handle.attach.remote(request_id, from_seq)) as stream:
             async for chunk in stream:
                 yield chunk
 
     async def stats(self) -> WorkerStats:
         return await self.handle.stats.remote()
 
+    def _stream(self, generator: Any):
+        return _cancel_unless_done(generator, self._lost)
+
+    def _lost(self, exc: BaseException) -> WorkerLost:
+        return WorkerLost(self.worker_id, f"worker {self.worker_id} died or is unreachable ({type(exc).__name__})")
+
 
 @asynccontextmanager
-async def _cancel_unless_done(generator: Any):
+async def _cancel_unless_done(generator: Any, lost: Any):
     state = {"done": False}
 
     async def chunks() -> AsyncIterator[TokenChunk]:
-        async for ref in generator:
-            chunk = await ref
-            yield chunk
-            if chunk.finished:
-                state["done"] = True
+        try:
+            async for ref in generator:
+                chunk = await ref
+                yield chunk
+                # A migrated stream ends right after this chunk: nothing is left to cancel.
+                if chunk.finished or chunk.migrated_to:
+                    state["done"] = True
+        except _LOST_ERRORS as exc:
+            state["done"] = True  # nothing to cancel on a dead actor
+            raise lost(exc) from None
 
     try:
         yield chunks()
@@ -127,6 +159,16 @@ async def _cancel_unless_done(generator: Any):
         if not state["done"]:
             # The worker's generator sees the cancel, aborts the request and frees its blocks.
             ray.cancel(generator)
+
+
+async def _every(interval_s: float, fn: Callable[[], Awaitable[None]]) -> None:
+    """Run `fn` every `interval_s` seconds until cancelled; a failure is logged, never fatal."""
+    while True:
+        await asyncio.sleep(interval_s)
+        try:
+            await fn()
+        except Exception:
+            logger.exception("router periodic step failed step=%s", fn.__name__)
 
 
 class RayDirectory:
@@ -138,13 +180,25 @@ class RayDirectory:
         self._state = RoutingState(table=RoutingTable())
         self._clients: dict[str, RayWorkerClient] = {}
         self._stats: dict[str, tuple[float, WorkerStats]] = {}
+        self._prefix: dict[str, frozenset[int]] = {}
+        """Worker id -> its prefix summary as a set, built once per report rather than once per request."""
+        self._suspect: dict[str, float] = {}
+        """Worker id -> when a request lost it; stats sent before then do not make it healthy again."""
         self._tasks: list[asyncio.Task] = []
+        self._tokenizers: dict[str, Any] = {}
+        """Model path -> its tokenizer, or None where this process cannot load it (routing then uses text only)."""
+        self._tokenizer_loads: dict[str, asyncio.Task] = {}
 
     def table(self) -> RoutingTable:
         return self._state.table
 
     def clients(self) -> Mapping[str, WorkerClient]:
         return self._clients
+
+    def mark_unhealthy(self, worker_id: str) -> None:
+        """Stop placing on `worker_id` (e.g. it died mid-stream) until its stats answer again."""
+        self._stats.pop(worker_id, None)
+        self._suspect[worker_id] = time.monotonic()
 
     def view(self) -> ClusterView:
         now = time.monotonic()
@@ -164,6 +218,10 @@ class RayDirectory:
                     kv_block_size=stats.kv_block_size,
                     output_tokens_per_s=stats.output_tokens_per_s,
                     adapters=frozenset(stats.adapters),
+                    resident_adapters=None if stats.resident_adapters is None else frozenset(stats.resident_adapters),
+                    num_adapter_slots=stats.num_adapter_slots,
+                    num_pending_prefill_tokens=stats.num_pending_prefill_tokens,
+                    prefix_block_hashes=self._prefix.get(entry.worker_id),
                 )
             view = WorkerView(
                 worker_id=entry.worker_id, deployment=entry.deployment, role=entry.role, is_healthy=fresh, **load
@@ -178,8 +236,8 @@ class RayDirectory:
         await self.refresh_table()
         await self.refresh_stats()
         self._tasks = [
-            asyncio.create_task(self._every(self.config.table_refresh_s, self.refresh_table)),
-            asyncio.create_task(self._every(self.config.stats_refresh_s, self.refresh_stats)),
+            asyncio.create_task(_every(self.config.table_refresh_s, self.refresh_table)),
+            asyncio.create_task(_every(self.config.stats_refresh_s, self.refresh_stats)),
         ]
 
     async def stop(self) -> None:
@@ -196,28 +254,66 @@ class RayDirectory:
             clients[wid] = (
                 client if client is not None and client.handle == entry.handle else RayWorkerClient(wid, entry.handle)
             )
-        self._clients = clients
+        # In place: a request's dispatch holds this mapping, and must see workers started after it began
+        # (a migration destination); its own clients keep their handles either way.
+        self._clients.clear()
+        self._clients.update(clients)
+        for path in set(state.models.values()) - set(self._tokenizers) - set(self._tokenizer_loads):
+            self._tokenizer_loads[path] = asyncio.create_task(self._load_tokenizer(path))
+
+    async def _load_tokenizer(self, path: str) -> Any:
+        from workers.engine.tokenizer import Tokenizer
+
+        try:
+            tokenizer = await asyncio.to_thread(Tokenizer.from_pretrained, path)
+        except (OSError, ValueError) as exc:
+            # E.g. a router pod without the model folder: prefix affinity then covers token-id prompts only.
+            logger.warning("tokenizer not loadable here path=%s error=%s", path, exc)
+            tokenizer = None
+        self._tokenizers[path] = tokenizer
+        self._tokenizer_loads.pop(path, None)
+        return tokenizer
+
+    async def tokenizer(self, deployment: str) -> Any:
+        """The deployment's tokenizer, loading it if needed; `Unavailable` when this process cannot load it."""
+        path = self.model_path(deployment)
+        if path is None:
+            raise InvalidArgument(f"unknown deployment {deployment!r}")
+        if path in self._tokenizers:
+            tokenizer = self._tokenizers[path]
+        else:
+            loading = self._tokenizer_loads.get(path)
+            tokenizer = await (loading if loading is not None else self._load_tokenizer(path))
+        if tokenizer is None:
+            raise Unavailable(f"cannot load the tokenizer of {deployment!r} on this router")
+        return tokenizer
+
+    def tokenize(self, deployment: str, text: str) -> tuple[int, ...] | None:
+        """The prompt's token ids when the deployment's tokenizer is loaded here, else None (never blocks)."""
+        path = self.model_path(deployment)
+        tokenizer = None if path is None else self._tokenizers.get(path)
+        return None if tokenizer is None else tuple(tokenizer.encode(text))
 
     async def refresh_stats(self) -> None:
         async def one(client: RayWorkerClient) -> None:
+            asked = time.monotonic()
             try:
                 stats = await asyncio.wait_for(client.stats(), self.config.stats_timeout_s)
             except Exception:
                 return  # stale stats mark it unhealthy in `view`
+            if self._suspect.get(client.worker_id, -1.0) >= asked:
+                return  # an answer from before the worker was lost proves nothing
+            self._suspect.pop(client.worker_id, None)
             self._stats[client.worker_id] = (time.monotonic(), stats)
+            if stats.prefix_block_hashes is None:
+                self._prefix.pop(client.worker_id, None)
+            else:
+                self._prefix[client.worker_id] = frozenset(stats.prefix_block_hashes)
 
         await asyncio.gather(*(one(c) for c in list(self._clients.values())))
         for gone in set(self._stats) - set(self._clients):
             del self._stats[gone]
-
-    @staticmethod
-    async def _every(interval_s: float, fn) -> None:
-        while True:
-            await asyncio.sleep(interval_s)
-            try:
-                await fn()
-            except Exception:
-                logger.exception("router refresh failed step=%s", fn.__name__)
+            self._prefix.pop(gone, None)
 
 
 class _TokenCounter:
@@ -225,22 +321,13 @@ class _TokenCounter:
 
     def __init__(self, directory: RayDirectory) -> None:
         self.directory = directory
-        self._tokenizers: dict[str, Any] = {}
 
     async def __call__(self, deployment: str, text: str) -> int:
-        path = self.directory.model_path(deployment)
-        if path is None:
-            raise InvalidArgument(f"unknown deployment {deployment!r}")
-        tokenizer = self._tokenizers.get(path)
-        if tokenizer is None:
-            from workers.engine.tokenizer import Tokenizer
+        return len((await self.directory.tokenizer(deployment)).encode(text))
 
-            try:
-                tokenizer = await asyncio.to_thread(Tokenizer.from_pretrained, path)
-            except (OSError, ValueError) as exc:
-                raise Unavailable(f"cannot load the tokenizer of {deployment!r}: {exc}") from None
-            self._tokenizers[path] = tokenizer
-        return len(tokenizer.encode(text))
+
+PREDICTOR_STATE = "length_predictor"
+"""Name of the length predictor's snapshot in the control plane's learned state."""
 
 
 class RouterReplica:
@@ -253,7 +340,7 @@ class RouterReplica:
     def __init__(self, config: RouterConfig, control_plane: Any) -> None:
         self.config = config
         self.directory = RayDirectory(config, control_plane)
-        # Learns output lengths from this replica's completed requests (persistence: next step of issue 5).
+        # Learns output lengths from completed requests; saved to and restored from the state store.
         self.core = RouterCore(
             self.directory,
             policy=make_policy(config.policy),
@@ -261,25 +348,53 @@ class RouterReplica:
             admission=AdmissionController(AdmissionConfig(headroom=config.admission_headroom))
             if config.admission
             else None,
+            failover=FailoverConfig(max_failovers=config.max_failovers),
         )
         self._server: grpc.aio.Server | None = None
+        self._save_task: asyncio.Task | None = None
         self.address = ""
 
     async def start(self) -> str:
         """Pull the routing state, then serve; returns the address clients should use."""
         await self.directory.start()
+        await self._load_predictor()
         servicer = RouterServicer(self.core, count_tokens=_TokenCounter(self.directory))
         self._server, port = await start_router_server(servicer, self.config.host, self.config.port)
         host = ray.util.get_node_ip_address() if self.config.host == "0.0.0.0" else self.config.host
         self.address = f"{host}:{port}"
+        self._save_task = asyncio.create_task(_every(self.config.predictor_save_s, self.save_predictor))
         logger.info("router started address=%s", self.address)
         return self.address
+
+    async def _load_predictor(self) -> None:
+        try:
+            data = await self.directory.control_plane.load_learned.remote(PREDICTOR_STATE)
+            if data is not None:
+                self.core.predictor = LengthPredictor.from_dict(data)
+        except Exception as exc:  # a bad snapshot must not keep the router down: start from the prior
+            logger.warning("length predictor not restored, starting from the prior: %r", exc)
+            return
+        keys = 0 if data is None else self.core.predictor.num_keys
+        logger.info("length predictor restored=%s keys=%d", data is not None, keys)
+
+    async def save_predictor(self) -> None:
+        """Save the length predictor under this router's address (replicas never overwrite one another)."""
+        if self.core.predictor is not None and self.address:
+            await self.directory.control_plane.save_learned.remote(
+                PREDICTOR_STATE, self.address, self.core.predictor.to_dict()
+            )
 
     async def wait(self) -> None:
         assert self._server is not None, "start() first"
         await self._server.wait_for_termination()
 
     async def stop(self, grace_s: float = 1.0) -> None:
+        if self._save_task is not None:
+            self._save_task.cancel()
+        try:
+            await self.save_predictor()
+        except Exception:
+            logger.exception("length predictor not saved at stop")
         await self.directory.stop()
         if self._server is not None:
             await self._server.stop(grace=grace_s)
@@ -297,6 +412,15 @@ class RouterActor:
 
     async def ping(self) -> str:
         return self.replica.address
+
+    async def describe(self) -> dict[str, Any]:
+        """What this replica runs and has learned, for status pages and tests."""
+        predictor = self.replica.core.predictor
+        return {
+            "address": self.replica.address,
+            "policy": self.replica.core.policy.name,
+            "predictor_keys": 0 if predictor is None else predictor.num_keys,
+        }
 
     async def stop(self) -> None:
         await self.replica.stop()

@@ -46,6 +46,7 @@ def to_input(request: router_pb2.GenerateRequest) -> GenerateInput:
         ignore_eos=s.ignore_eos,
         request_id=request.request_id,
         priority=request.priority,
+        tier=request.tier,
     )
 
 

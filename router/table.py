@@ -10,6 +10,7 @@ import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from router.complexity import TierGroup
 from router.quota import QuotaLimits
 
 
@@ -42,6 +43,8 @@ class RoutingTable:
     """`hash_api_key(key)` -> tenant name."""
     adapter_owners: Mapping[tuple[str, str], str] = field(default_factory=dict)
     """(deployment, adapter name) -> the tenant that owns it."""
+    groups: Mapping[str, TierGroup] = field(default_factory=dict)
+    """Tier group name -> its small and large deployments (groups with both tiers only)."""
 
     def tenant_for_key(self, api_key: str) -> str | None:
         return self.key_hashes.get(hash_api_key(api_key))

@@ -18,7 +18,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import ray
 import torch
@@ -27,11 +27,16 @@ from workers.engine.async_engine import AsyncEngine
 from workers.engine.config import EngineConfig
 from workers.engine.engine import Engine
 from workers.engine.kv_transfer import KVExport
+from workers.engine.migration import migrate
 from workers.engine.request import RequestOutput
 from workers.messages import (
     ROLES,
     GenerateCall,
+    MigrationConfig,
+    MigrationReport,
+    MigrationStats,
     PrefillResult,
+    RunningRequestInfo,
     TokenChunk,
     WorkerStats,
     WrongRoleError,
@@ -64,6 +69,8 @@ class WorkerConfig:
     """torch intra-op threads in the actor; 1 so co-located actors do not fight over cores."""
     stream_stall_timeout_s: float = 30.0
     """Abort a request whose consumer left `_STREAM_BACKPRESSURE` chunks unread for this long, freeing its blocks."""
+    prefix_summary_limit: int = 4096
+    """Cached-block hashes published with each stats report for prefix-aware routing (8 bytes each); 0: none."""
 
     def __post_init__(self) -> None:
         if not self.worker_id or not self.deployment:
@@ -72,6 +79,8 @@ class WorkerConfig:
             raise ValueError(f"role must be one of {ROLES}, got {self.role!r}")
         if self.num_torch_threads < 1:
             raise ValueError(f"num_torch_threads must be >= 1, got {self.num_torch_threads}")
+        if self.prefix_summary_limit < 0:
+            raise ValueError(f"prefix_summary_limit must be >= 0, got {self.prefix_summary_limit}")
         if self.stream_stall_timeout_s <= 0:
             raise ValueError(f"stream_stall_timeout_s must be positive, got {self.stream_stall_timeout_s}")
         object.__setattr__(self, "adapters", tuple((str(n), str(p)) for n, p in self.adapters))
@@ -90,6 +99,12 @@ class LLMWorker:
         self._init_engine()
         self._is_shut_down = False
         self._background_tasks: set[asyncio.Task] = set()
+        self._num_open_streams = 0
+        self._migration_stats = MigrationStats()
+        self._watchdogs: dict[str, asyncio.TimerHandle] = {}
+        """Incoming migrations' reservations: request id -> timer that frees them when the source goes quiet."""
+        self._incoming: dict[str, _Incoming] = {}
+        """Committed incoming migrations whose stream nobody has `attach`ed to yet."""
 
     def _init_threads(self) -> None:
         torch.set_num_threads(self.config.num_torch_threads)
@@ -118,7 +133,10 @@ class LLMWorker:
 
     async def stats(self) -> WorkerStats:
         self._check_alive()
-        stats = await self.engine.acall(lambda engine: engine.stats())
+        limit = self.config.prefix_summary_limit
+        stats, hashes = await self.engine.acall(
+            lambda engine: (engine.stats(), engine.prefix_block_hashes(limit) if limit else None)
+        )
         return WorkerStats(
             worker_id=self.config.worker_id,
             deployment=self.config.deployment,
@@ -136,7 +154,36 @@ class LLMWorker:
             expert_counts=dict(stats.expert_counts),
             kv_bytes_per_block=self.kv_bytes_per_block,
             kv_block_size=self.config.engine.block_size,
+            migration=replace(self._migration_stats),
+            prefix_block_hashes=hashes,
+            resident_adapters=list(stats.resident_adapters),
+            num_pending_prefill_tokens=stats.num_pending_prefill_tokens,
+            num_adapter_slots=stats.num_adapter_slots,
         )
+
+    async def num_open_streams(self) -> int:
+        """Token streams (generate, decode, attach) not yet ended; a drain stops the worker only at 0, so the
+        hand-over chunk of every migrated request has reached its router."""
+        return self._num_open_streams
+
+    async def running_requests(self) -> list[RunningRequestInfo]:
+        """The running requests (not those paused for a migration), for a migration policy or a drain."""
+        self._check_alive()
+
+        def collect(engine: Engine) -> list[RunningRequestInfo]:
+            return [
+                RunningRequestInfo(
+                    request_id=r.request_id,
+                    num_prompt_tokens=r.num_prompt_tokens,
+                    num_output_tokens=r.num_output_tokens,
+                    max_tokens=r.sampling_params.max_tokens,
+                    priority=r.priority,
+                    num_blocks=len(engine.scheduler.get_block_ids(r.request_id)),
+                )
+                for r in engine.scheduler.running
+            ]
+
+        return await self.engine.acall(collect)
 
     # ---- serving ------------------------------------------------------------------------------
 
@@ -145,9 +192,15 @@ class LLMWorker:
         """Stream the whole output of `call` (seq 0, 1, ...). Roles: mixed, decode."""
         self._check_role("generate", ("mixed", "decode"))
         stream = self.engine.generate(
-            call.request_id, call.engine_prompt, call.sampling, lora_name=call.adapter, priority=call.priority
+            call.request_id,
+            call.engine_prompt,
+            call.sampling,
+            lora_name=call.adapter,
+            priority=call.priority,
+            **call.resume_kwargs,
         )
-        async for chunk in self._chunks(call.request_id, stream, first_seq=0):
+        first_seq = len(call.resume_output_token_ids)  # a failover resume continues the client's stream
+        async for chunk in self._chunks(call.request_id, stream, first_seq=first_seq):
             yield chunk
 
     @ray.method(num_returns=2)
@@ -159,7 +212,12 @@ class LLMWorker:
         self._check_role("prefill", ("prefill", "mixed"))
         start = time.perf_counter()
         output, export = await self.engine.prefill(
-            call.request_id, call.engine_prompt, call.sampling, lora_name=call.adapter, priority=call.priority
+            call.request_id,
+            call.engine_prompt,
+            call.sampling,
+            lora_name=call.adapter,
+            priority=call.priority,
+            **call.resume_kwargs,
         )
         prefill_ms = (time.perf_counter() - start) * 1e3
         kv_bytes = 0 if export is None else export.nbytes
@@ -174,7 +232,7 @@ class LLMWorker:
             prefill_ms,
             output.finished,
         )
-        first = self._chunk(call.request_id, 0, output)
+        first = self._chunk(call.request_id, len(call.resume_output_token_ids), output)
         return PrefillResult(first=first, prefill_ms=prefill_ms, kv_bytes=kv_bytes), export
 
     @ray.method(num_returns="streaming", _generator_backpressure_num_objects=_STREAM_BACKPRESSURE)
@@ -211,6 +269,174 @@ class LLMWorker:
         self._check_alive()
         return await self.engine.abort(request_id)
 
+    # ---- live migration: source --------------------------------------------------------------
+
+    async def migrate_out(
+        self, request_id: str, destination: ray.actor.ActorHandle, destination_id: str, config: MigrationConfig
+    ) -> MigrationReport:
+        """Move a running request to `destination` by multi-stage KV pre-copy (see `workers.engine.migration`).
+
+        Never raises for an ordinary abort (refusal, the request ended, the destination died): the report
+        says `aborted` and the request keeps running here. On commit, its open stream here ends with a chunk
+        whose `migrated_to` is `destination_id`; the rest streams from `destination.attach`.
+        """
+        self._check_role("migrate_out", ("mixed", "decode"))
+        if destination_id == self.config.worker_id:
+            raise ValueError(f"cannot migrate {request_id!r} from worker {destination_id} to itself")
+        self._migration_stats.num_started += 1
+        result = await migrate(
+            self.engine,
+            _RayDestination(destination, config),
+            request_id,
+            destination_id=destination_id,
+            max_stages=config.max_stages,
+            last_stage_max_blocks=config.last_stage_max_blocks,
+            call_timeout_s=config.stage_timeout_s,
+        )
+        stats = self._migration_stats
+        stats.bytes_moved += result.bytes_moved
+        if result.committed:
+            stats.num_committed += 1
+            stats.last_downtime_ms = result.downtime_ms
+            stats.downtime_ms_total += result.downtime_ms
+        else:
+            stats.num_aborted += 1
+        return MigrationReport(
+            request_id=request_id,
+            source_id=self.config.worker_id,
+            destination_id=destination_id,
+            outcome="committed" if result.committed else "aborted",
+            reason=result.reason,
+            num_stages=result.num_stages,
+            num_blocks_copied=result.num_blocks_copied,
+            bytes_moved=result.bytes_moved,
+            downtime_ms=result.downtime_ms,
+            total_ms=result.total_ms,
+        )
+
+    # ---- live migration: destination ---------------------------------------------------------
+
+    async def migration_reserve(self, request_id: str, num_blocks: int, timeout_s: float) -> None:
+        """Hold `num_blocks` KV blocks for an incoming request; freed if no stage or commit comes for `timeout_s`.
+
+        Raises `NoKVCapacityError` when too few blocks are free (the source then aborts).
+        """
+        self._check_role("migration_reserve", ("mixed", "decode"))
+        await self.engine.acall(lambda engine: engine.reserve_kv(request_id, num_blocks))
+        self._arm_watchdog(request_id, timeout_s)
+        logger.info(
+            "migration reserved worker_id=%s request_id=%s blocks=%d", self.config.worker_id, request_id, num_blocks
+        )
+
+    async def migration_stage(self, export: KVExport, timeout_s: float) -> None:
+        """Write a pre-copy stage's blocks into the request's reservation."""
+        self._check_alive()
+        self._arm_watchdog(export.request_id, timeout_s)
+        await self.engine.acall(lambda engine: engine.stage_kv(export))
+
+    async def migration_commit(self, export: KVExport, attach_timeout_s: float) -> None:
+        """Install the request from its reservation plus the final copy; it decodes here from now on.
+
+        Its outputs buffer until `attach`; nobody attaching within `attach_timeout_s` aborts it.
+        """
+        self._check_alive()
+        request_id = export.request_id
+        self._disarm_watchdog(request_id)
+        try:
+            stream = await self.engine.commit_migration(export)
+        except BaseException:
+            await self.engine.acall(lambda engine: engine.release_reservation(request_id))
+            raise
+        loop = asyncio.get_running_loop()
+        timer = loop.call_later(attach_timeout_s, self._expire_incoming, request_id)
+        self._incoming[request_id] = _Incoming(stream=stream, first_seq=len(export.output_token_ids), timer=timer)
+        logger.info(
+            "migration committed here worker_id=%s request_id=%s blocks=%d tokens=%d",
+            self.config.worker_id,
+            request_id,
+            export.from_block + export.num_blocks,
+            export.num_computed_tokens,
+        )
+
+    async def migration_abort(self, request_id: str) -> bool:
+        """Drop an incoming migration: free its reservation, or abort it if committed but not attached yet."""
+        self._check_alive()
+        self._disarm_watchdog(request_id)
+        incoming = self._incoming.pop(request_id, None)
+        if incoming is not None:
+            incoming.timer.cancel()
+        freed, aborted = await self.engine.acall(
+            lambda engine: (
+                engine.release_reservation(request_id),
+                incoming is not None and engine.abort(request_id),
+            )
+        )
+        logger.info(
+            "migration dropped here worker_id=%s request_id=%s freed_blocks=%d aborted=%s",
+            self.config.worker_id,
+            request_id,
+            freed,
+            aborted,
+        )
+        return bool(freed or aborted)
+
+    @ray.method(num_returns="streaming", _generator_backpressure_num_objects=_STREAM_BACKPRESSURE)
+    async def attach(self, request_id: str, from_seq: int) -> AsyncIterator[TokenChunk]:
+        """Stream a request migrated here from output index `from_seq` on: what was buffered, then live.
+
+        Raises `ValueError` when no committed, unattached migration of `request_id` is here.
+        """
+        self._check_alive()
+        incoming = self._incoming.pop(request_id, None)
+        if incoming is None:
+            raise ValueError(f"no migrated request {request_id!r} waits for attach on worker {self.config.worker_id}")
+        incoming.timer.cancel()
+        if from_seq < incoming.first_seq:
+            await self.engine.abort(request_id)
+            raise ValueError(
+                f"attach({request_id!r}, from_seq={from_seq}) but worker {self.config.worker_id} has its output "
+                f"from index {incoming.first_seq} on"
+            )
+        async for chunk in self._chunks(request_id, incoming.stream, first_seq=incoming.first_seq):
+            if chunk.seq < from_seq:
+                # The caller already has these tokens; their text goes too (it may lag the tokens).
+                skip = min(from_seq - chunk.seq, len(chunk.token_ids))
+                if skip == len(chunk.token_ids) and not chunk.finished:
+                    continue
+                chunk = replace(chunk, seq=chunk.seq + skip, token_ids=chunk.token_ids[skip:], text="")
+            yield chunk
+
+    def _arm_watchdog(self, request_id: str, timeout_s: float) -> None:
+        self._disarm_watchdog(request_id)
+        loop = asyncio.get_running_loop()
+        self._watchdogs[request_id] = loop.call_later(timeout_s, self._expire_reservation, request_id, timeout_s)
+
+    def _disarm_watchdog(self, request_id: str) -> None:
+        timer = self._watchdogs.pop(request_id, None)
+        if timer is not None:
+            timer.cancel()
+
+    def _expire_reservation(self, request_id: str, timeout_s: float) -> None:
+        self._watchdogs.pop(request_id, None)
+        future = self.engine.call(lambda engine: engine.release_reservation(request_id))
+        future.add_done_callback(
+            lambda f: logger.warning(
+                "migration reservation expired worker_id=%s request_id=%s freed_blocks=%s timeout_s=%.1f",
+                self.config.worker_id,
+                request_id,
+                f.result() if f.exception() is None else f.exception(),
+                timeout_s,
+            )
+        )
+
+    def _expire_incoming(self, request_id: str) -> None:
+        if self._incoming.pop(request_id, None) is None:
+            return
+        logger.warning(
+            "migrated request never attached, aborting worker_id=%s request_id=%s", self.config.worker_id, request_id
+        )
+        self.engine.call(lambda engine: engine.abort(request_id))
+
     # ---- adapters -----------------------------------------------------------------------------
 
     async def add_lora(self, name: str, path: str) -> None:
@@ -240,6 +466,7 @@ class LLMWorker:
         start = time.perf_counter()
         finish_reason = None
         loop = asyncio.get_running_loop()
+        self._num_open_streams += 1
         try:
             async for output in outputs:
                 # Ray tells the producer nothing when a consumer stops reading; a yield blocked on backpressure
@@ -250,8 +477,10 @@ class LLMWorker:
                 finally:
                     stall.cancel()
                 seq += len(output.new_token_ids)
-                finish_reason = output.finish_reason
+                migrated = f"migrated:{output.migrated_to}" if output.migrated_to else None
+                finish_reason = output.finish_reason or migrated
         finally:
+            self._num_open_streams -= 1
             # Leaving early (a cancel, or the consumer went away) closes `outputs`, which aborts the request.
             await outputs.aclose()
             logger.info(
@@ -289,3 +518,34 @@ class LLMWorker:
     def _check_alive(self) -> None:
         if self._is_shut_down:
             raise RuntimeError(f"worker {self.config.worker_id} is shut down")
+
+
+@dataclass
+class _Incoming:
+    """A committed incoming migration waiting for the router's `attach`."""
+
+    stream: AsyncIterator[RequestOutput]
+    first_seq: int
+    """Output index of the first token the destination generates."""
+    timer: asyncio.TimerHandle
+    """Aborts the request when nobody attaches in time."""
+
+
+class _RayDestination:
+    """`MigrationDestination` over a destination worker's actor handle."""
+
+    def __init__(self, handle: ray.actor.ActorHandle, config: MigrationConfig) -> None:
+        self.handle = handle
+        self.config = config
+
+    async def reserve(self, request_id: str, num_blocks: int) -> None:
+        await self.handle.migration_reserve.remote(request_id, num_blocks, self.config.reserve_timeout_s)
+
+    async def stage(self, export: KVExport) -> None:
+        await self.handle.migration_stage.remote(export, self.config.reserve_timeout_s)
+
+    async def commit(self, export: KVExport) -> None:
+        await self.handle.migration_commit.remote(export, self.config.attach_timeout_s)
+
+    async def abort(self, request_id: str) -> None:
+        await self.handle.migration_abort.remote(request_id)

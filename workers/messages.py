@@ -5,7 +5,7 @@ The router imports these without importing Ray or torch-heavy engine code paths.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from workers.engine.request import RequestOutput
 from workers.engine.sampling_params import SamplingParams
@@ -34,10 +34,19 @@ class GenerateCall:
     """LoRA adapter name, or None for the base model."""
     priority: int = 0
     """Lower is more important (the engine's convention)."""
+    resume_output_token_ids: tuple[int, ...] = ()
+    """Failover: output tokens the client already received. The worker recomputes prompt + these, continues at
+    output index `len(resume_output_token_ids)` (they count toward `max_tokens` and stop checks) and never
+    re-emits them."""
+    resume_num_text_chars: int = 0
+    """Failover: characters of output text the client already received; text resumes after them."""
 
     def __post_init__(self) -> None:
         if not self.request_id:
             raise ValueError("request_id must be a non-empty string")
+        object.__setattr__(self, "resume_output_token_ids", tuple(int(t) for t in self.resume_output_token_ids))
+        if self.resume_num_text_chars < 0:
+            raise ValueError(f"resume_num_text_chars must be >= 0, got {self.resume_num_text_chars}")
         if (self.prompt is None) == (self.prompt_token_ids is None):
             raise ValueError("give exactly one of prompt and prompt_token_ids")
         if self.prompt_token_ids is not None:
@@ -48,6 +57,16 @@ class GenerateCall:
     def engine_prompt(self) -> str | list[int]:
         """The prompt in the form `Engine.add_request` takes."""
         return self.prompt if self.prompt is not None else list(self.prompt_token_ids or ())
+
+    @property
+    def resume_kwargs(self) -> dict[str, object]:
+        """The resume arguments of `Engine.add_request` (empty for a fresh request)."""
+        if not self.resume_output_token_ids:
+            return {}
+        return {
+            "resume_output_token_ids": self.resume_output_token_ids,
+            "resume_num_text_chars": self.resume_num_text_chars,
+        }
 
 
 @dataclass(kw_only=True)
@@ -73,6 +92,27 @@ class TokenChunk:
     """Prompt tokens served from the worker's prefix cache."""
     worker_id: str = ""
     """Worker that produced the chunk."""
+    migrated_to: str = ""
+    """Set on the last chunk of a stream whose request moved to that worker (no tokens, not finished): continue
+    with `attach(request_id, seq)` there."""
+
+
+@dataclass(kw_only=True)
+class MigrationStats:
+    """Live-migration counters of one worker, as source and as destination."""
+
+    num_started: int = 0
+    """Migrations this worker started as the source."""
+    num_committed: int = 0
+    """Of those, committed on their destination."""
+    num_aborted: int = 0
+    """Of those, aborted (the request kept running here)."""
+    bytes_moved: int = 0
+    """KV bytes sent by this worker's migrations, committed or not."""
+    last_downtime_ms: float = 0.0
+    """Pause-to-runnable time of the last committed migration."""
+    downtime_ms_total: float = 0.0
+    """Sum over committed migrations of their downtime."""
 
 
 @dataclass(kw_only=True)
@@ -112,6 +152,87 @@ class WorkerStats:
     """Bytes of K and V one block holds across all layers; sizes a KV handoff."""
     kv_block_size: int = 16
     """Tokens per KV block (the engine's `block_size`); turns token forecasts into blocks."""
+    num_pending_prefill_tokens: int = 0
+    """Prompt and recompute tokens queued or mid-prefill: the prefill work a new request waits behind."""
+    resident_adapters: list[str] | None = None
+    """Adapters in a slot now (no load before their first token); None when the worker does not say."""
+    num_adapter_slots: int = 0
+    """Adapter slots; a non-resident adapter loads into a free one, or evicts the least recently used."""
+    prefix_block_hashes: list[int] | None = None
+    """Prefix-cache summary: `stable_block_hash` of the cached blocks a lookup can reach, those least likely to
+    be evicted first (None: the worker publishes none)."""
+    migration: MigrationStats = field(default_factory=MigrationStats)
+    """Live-migration counters."""
+
+
+@dataclass(kw_only=True, frozen=True)
+class MigrationConfig:
+    """How `LLMWorker.migrate_out` runs a multi-stage pre-copy."""
+
+    max_stages: int = 4
+    """Pre-copy stages (copies while the request keeps decoding) before the final, paused one."""
+    last_stage_max_blocks: int = 2
+    """Pause for the final copy as soon as at most this many blocks remain to copy."""
+    reserve_timeout_s: float = 10.0
+    """The destination frees its reserved blocks when no stage or commit came for this long (source died)."""
+    stage_timeout_s: float = 10.0
+    """The source aborts when one call to the destination takes longer than this (destination hung)."""
+    attach_timeout_s: float = 30.0
+    """The destination aborts a committed request nobody `attach`ed to within this time (router gone)."""
+
+    def __post_init__(self) -> None:
+        if self.max_stages < 0 or self.last_stage_max_blocks < 0:
+            raise ValueError(
+                "max_stages and last_stage_max_blocks must be >= 0, "
+                f"got {self.max_stages} and {self.last_stage_max_blocks}"
+            )
+        for name in ("reserve_timeout_s", "stage_timeout_s", "attach_timeout_s"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+
+
+@dataclass(kw_only=True, frozen=True)
+class MigrationReport:
+    """How one live migration went, as the source reports it."""
+
+    request_id: str
+    """The migrated request."""
+    source_id: str
+    """Worker the request ran on."""
+    destination_id: str
+    """Worker it moved (or was to move) to."""
+    outcome: str
+    """`committed` (the request runs on the destination) or `aborted` (it still runs on the source, or finished)."""
+    reason: str = ""
+    """Why it aborted (empty when committed)."""
+    num_stages: int = 0
+    """Copies made, the final paused one included."""
+    num_blocks_copied: int = 0
+    """KV blocks sent over all stages."""
+    bytes_moved: int = 0
+    """KV bytes sent over all stages."""
+    downtime_ms: float = 0.0
+    """From pausing the request on the source until it was runnable on the destination (0 when aborted)."""
+    total_ms: float = 0.0
+    """The whole migration, from the reservation to the source freeing its blocks (or to the abort)."""
+
+
+@dataclass(kw_only=True, frozen=True)
+class RunningRequestInfo:
+    """One running request as a migration policy or a drain sees it."""
+
+    request_id: str
+    """The request."""
+    num_prompt_tokens: int
+    """Prompt tokens."""
+    num_output_tokens: int
+    """Tokens generated so far."""
+    max_tokens: int
+    """The request's output limit."""
+    priority: int
+    """Lower is more important."""
+    num_blocks: int
+    """KV blocks it holds."""
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -119,7 +240,8 @@ class PrefillResult:
     """What a prefill worker reports after running a prompt to its first token."""
 
     first: TokenChunk
-    """The first generated token (seq 0). When `first.finished`, there is nothing to decode."""
+    """The first generated token (seq 0, or `len(resume_output_token_ids)` on a failover resume). When
+    `first.finished`, there is nothing to decode."""
     prefill_ms: float
     """Wall time from accepting the call to holding the exported KV."""
     kv_bytes: int
@@ -133,9 +255,11 @@ def chunk_from_output(output: RequestOutput, *, seq: int, worker_id: str) -> Tok
         seq=seq,
         token_ids=list(output.new_token_ids),
         text=output.text_delta,
-        finished=output.finished,
+        # A migrated stream ends here but the request goes on elsewhere: not finished for the client.
+        finished=output.finished and not output.migrated_to,
         finish_reason=output.finish_reason,
         num_prompt_tokens=output.num_prompt_tokens,
         num_cached_tokens=output.num_cached_tokens,
         worker_id=worker_id,
+        migrated_to=output.migrated_to,
     )

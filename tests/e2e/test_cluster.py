@@ -11,6 +11,7 @@ import threading
 import time
 
 import pytest
+import ray
 
 from control_plane.admin_client import AdminClient
 from control_plane.config import ControlPlaneConfig
@@ -24,6 +25,7 @@ from router.client import (
     QuotaExceededError,
     RaylaneError,
 )
+from router.length_predictor import LengthPredictor
 
 pytestmark = pytest.mark.slow
 
@@ -257,3 +259,8 @@ def test_state_survives_a_control_plane_restart(cluster):
     _wait(lambda: admin.status().num_healthy_workers >= 3, timeout_s=120, what="workers back")
     with Client(info.router_addresses[0], cluster["keys"]["alice"][1], timeout_s=60) as client:
         _wait(lambda: _succeeds(client, "pd", adapter="alice-lora"), what="old key and adapter work after restart")
+    # The router saved its length predictor at stop; the new router starts from it, not from the prior.
+    snapshot = ray.get(handle.load_learned.remote("length_predictor"))
+    assert snapshot is not None and LengthPredictor.from_dict(snapshot).num_keys > 0
+    described = ray.get(ray.get_actor("raylane:router:0", namespace="raylane").describe.remote())
+    assert described["policy"] == "raylane" and described["predictor_keys"] > 0

@@ -22,18 +22,21 @@ class EngineWorkerClient:
 
     async def generate(self, call: GenerateCall) -> AsyncIterator[TokenChunk]:
         self.calls.append("generate")
-        outputs = self.engine.generate(call.request_id, call.engine_prompt, call.sampling, lora_name=call.adapter)
-        async with aclosing(self._chunks(outputs, first_seq=0)) as chunks:
+        outputs = self.engine.generate(
+            call.request_id, call.engine_prompt, call.sampling, lora_name=call.adapter, **call.resume_kwargs
+        )
+        async with aclosing(self._chunks(outputs, first_seq=len(call.resume_output_token_ids))) as chunks:
             async for chunk in chunks:
                 yield chunk
 
     async def prefill(self, call: GenerateCall) -> tuple[PrefillResult, Any]:
         self.calls.append("prefill")
         output, export = await self.engine.prefill(
-            call.request_id, call.engine_prompt, call.sampling, lora_name=call.adapter
+            call.request_id, call.engine_prompt, call.sampling, lora_name=call.adapter, **call.resume_kwargs
         )
         kv_bytes = 0 if export is None else export.nbytes
-        return PrefillResult(first=self._chunk(0, output), prefill_ms=0.0, kv_bytes=kv_bytes), export
+        first = self._chunk(len(call.resume_output_token_ids), output)
+        return PrefillResult(first=first, prefill_ms=0.0, kv_bytes=kv_bytes), export
 
     async def decode(self, kv: Any, call: GenerateCall) -> AsyncIterator[TokenChunk]:
         self.calls.append("decode")

@@ -224,3 +224,16 @@ def test_adapters_from_config_and_at_runtime_are_used(workers, tiny_llama, tiny_
     ray.get(worker.remove_lora.remote("b"))
     with pytest.raises(UnknownAdapterError):
         _collect(worker.generate.remote(_call("lora-b-gone", adapter="b")))
+
+
+def test_stats_publish_the_prefix_cache_summary_the_router_hashes(workers):
+    from router.prefix_affinity import PrefixAffinityConfig, cacheable_prefix_hashes
+
+    prompt = list(range(300, 300 + 3 * 16 + 5))
+    _collect(workers["mixed"].generate.remote(_call("prefix-summary", prompt_token_ids=prompt)))
+    stats: WorkerStats = ray.get(workers["mixed"].stats.remote())
+    expected = cacheable_prefix_hashes(prompt, stats.kv_block_size, None, PrefixAffinityConfig())
+    assert len(expected) == 3 and set(expected) <= set(stats.prefix_block_hashes)
+    # The same tokens under an adapter are other blocks: the router must not count them as cached.
+    adapted = cacheable_prefix_hashes(prompt, stats.kv_block_size, "a", PrefixAffinityConfig())
+    assert not set(adapted) & set(stats.prefix_block_hashes)

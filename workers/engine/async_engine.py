@@ -75,9 +75,21 @@ class AsyncEngine:
         *,
         lora_name: str | None = None,
         priority: int = 0,
+        resume_output_token_ids: Sequence[int] = (),
+        resume_num_text_chars: int = 0,
     ) -> AsyncIterator[RequestOutput]:
+        """Stream a request's outputs; with resume tokens it continues a request begun elsewhere (see `Engine`)."""
+
         def add(engine: Engine) -> None:
-            engine.add_request(request_id, prompt, params, lora_name=lora_name, priority=priority)
+            engine.add_request(
+                request_id,
+                prompt,
+                params,
+                lora_name=lora_name,
+                priority=priority,
+                resume_output_token_ids=resume_output_token_ids,
+                resume_num_text_chars=resume_num_text_chars,
+            )
 
         async with aclosing(self._stream(request_id, add)) as outputs:
             async for output in outputs:
@@ -100,6 +112,8 @@ class AsyncEngine:
         *,
         lora_name: str | None = None,
         priority: int = 0,
+        resume_output_token_ids: Sequence[int] = (),
+        resume_num_text_chars: int = 0,
     ) -> tuple[RequestOutput, KVExport | None]:
         """Run a request up to its first token, export its KV and drop it from this engine.
 
@@ -112,7 +126,15 @@ class AsyncEngine:
         future: asyncio.Future[tuple[RequestOutput, KVExport | None]] = loop.create_future()
 
         def add(engine: Engine) -> None:
-            engine.add_request(request_id, prompt, params, lora_name=lora_name, priority=priority)
+            engine.add_request(
+                request_id,
+                prompt,
+                params,
+                lora_name=lora_name,
+                priority=priority,
+                resume_output_token_ids=resume_output_token_ids,
+                resume_num_text_chars=resume_num_text_chars,
+            )
             self._handoffs[request_id] = (loop, future)
 
         await self.acall(add)
@@ -122,8 +144,49 @@ class AsyncEngine:
             if not future.done():
                 self.call(lambda engine: self._abort(engine, request_id))
 
+    async def commit_migration(self, export: KVExport) -> AsyncIterator[RequestOutput]:
+        """Commit an incoming migration (`Engine.import_kv(export, reserved=True)`) and return its output stream.
+
+        The commit has happened when this returns; outputs buffer (unbounded) until the stream is read.
+        Closing the stream after reading from it aborts the request, like `generate`.
+        """
+        stream = await self._register(export.request_id, lambda engine: engine.import_kv(export, reserved=True))
+        return self._read(export.request_id, stream)
+
+    async def hand_over(self, request_id: str, destination_id: str) -> bool:
+        """Free a paused request that now runs on `destination_id`; its open stream ends with `migrated_to`.
+
+        False (and nothing changes) when the request is no longer paused here, e.g. it was aborted meanwhile.
+        """
+
+        def run(engine: Engine) -> bool:
+            request = engine.scheduler.get_request(request_id)
+            if request is None or request_id not in engine.scheduler.paused:
+                return False
+            engine.release(request_id)
+            final = RequestOutput(
+                request_id=request_id,
+                new_token_ids=[],
+                output_token_ids=list(request.output_token_ids),
+                finished=True,
+                migrated_to=destination_id,
+                num_prompt_tokens=request.num_prompt_tokens,
+            )
+            target = self._streams.pop(request_id, None)
+            if target is not None:
+                _notify(target[0], target[1].put_nowait, final)
+            return True
+
+        return await self.acall(run)
+
     async def _stream(self, request_id: str, register: Callable[[Engine], None]) -> AsyncIterator[RequestOutput]:
         """Run `register` (which puts `request_id` into the engine) and stream that request's outputs."""
+        stream = await self._register(request_id, register)
+        async with aclosing(self._read(request_id, stream)) as outputs:
+            async for output in outputs:
+                yield output
+
+    async def _register(self, request_id: str, register: Callable[[Engine], None]) -> asyncio.Queue:
         stream: asyncio.Queue = asyncio.Queue()
         loop = asyncio.get_running_loop()
 
@@ -132,6 +195,9 @@ class AsyncEngine:
             self._streams[request_id] = (loop, stream)
 
         await self.acall(add)
+        return stream
+
+    async def _read(self, request_id: str, stream: asyncio.Queue) -> AsyncIterator[RequestOutput]:
         finished = False
         try:
             while not finished:

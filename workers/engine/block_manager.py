@@ -227,6 +227,8 @@ class KVCacheManager:
         self._blocks: dict[str, list[int]] = {}
         self._num_hashed: dict[str, tuple[int, int | None]] = {}
         """Per request: how many leading blocks were registered, and the hash of the last of them."""
+        self._reserved: dict[str, list[int]] = {}
+        """Blocks held for an incoming migration, outside any request until `adopt_reserved` hands them over."""
 
     # ---- queries ----------------------------------------------------------------------------
 
@@ -344,6 +346,37 @@ class KVCacheManager:
         blocks = self._blocks.pop(request_id, [])
         self._num_hashed.pop(request_id, None)
         self.pool.release(reversed(blocks))
+
+    def reserve(self, key: str, num_blocks: int) -> list[int] | None:
+        """Grow the reservation `key` to at least `num_blocks` blocks; None, changing nothing, when too few are free."""
+        blocks = self._reserved.setdefault(key, [])
+        num_fresh = num_blocks - len(blocks)
+        if num_fresh > self.pool.num_free:
+            if not blocks:
+                del self._reserved[key]
+            return None
+        if num_fresh > 0:
+            blocks.extend(self.pool.allocate(num_fresh))
+        return list(blocks)
+
+    def reserved_block_ids(self, key: str) -> list[int]:
+        return list(self._reserved.get(key, ()))
+
+    def release_reserved(self, key: str) -> int:
+        """Give a reservation's blocks back; returns how many (0 for an unknown key)."""
+        blocks = self._reserved.pop(key, [])
+        self.pool.release(blocks)
+        return len(blocks)
+
+    def adopt_reserved(self, key: str, request: Request, num_total_tokens: int) -> list[int]:
+        """Make the leading reserved blocks the request's block table; the surplus is released."""
+        assert request.request_id not in self._blocks, "an adopting request must hold no blocks"
+        blocks = self._reserved.pop(key)
+        num_needed = cdiv(num_total_tokens, self.block_size)
+        assert num_needed <= len(blocks), "reservation smaller than the request"
+        self.pool.release(blocks[num_needed:])
+        self._blocks[request.request_id] = blocks[:num_needed]
+        return list(blocks[:num_needed])
 
     def _block_tokens(self, request: Request, index: int) -> list[int]:
         return request.all_token_ids[index * self.block_size : (index + 1) * self.block_size]

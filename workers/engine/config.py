@@ -211,6 +211,8 @@ class EngineConfig:
     """Longest prompt plus output; defaults to the model's context length."""
     enable_prefix_caching: bool = True
     """Reuse full KV blocks across requests that share a prompt prefix."""
+    short_prompt_tokens: int = 0
+    """LAPS in time: waiting prompts of at most this many tokens start before longer ones; 0 is FCFS."""
     max_loras: int = 4
     """LoRA adapter slots resident at once; the least recently used is evicted."""
     max_lora_rank: int = 16
@@ -236,6 +238,8 @@ class EngineConfig:
             )
         if self.max_num_seqs <= 0:
             raise ValueError(f"max_num_seqs must be positive, got {self.max_num_seqs}")
+        if self.short_prompt_tokens < 0:
+            raise ValueError(f"short_prompt_tokens must be >= 0 (0 turns LAPS off), got {self.short_prompt_tokens}")
         if self.max_num_seqs > self.max_num_batched_tokens:
             raise ValueError("max_num_seqs cannot exceed max_num_batched_tokens: every running request needs a token")
         if self.max_loras < 0 or self.max_lora_rank <= 0:

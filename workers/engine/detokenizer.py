@@ -93,6 +93,19 @@ class IncrementalDetokenizer:
             self._text += self._decode_new()
         return self._emit()
 
+    def skip(self, token_ids: Sequence[int], num_emitted_chars: int) -> None:
+        """Take in tokens whose first `num_emitted_chars` characters of text the caller already has (a resume).
+
+        Text past that point (held back for a possible stop string, or a partial character) is emitted
+        by the next `update` or `flush`, exactly as the engine that produced the tokens would have.
+        """
+        for token in token_ids:
+            self._tokens.append(token)
+            self._text += self._decode_new()
+        if not 0 <= num_emitted_chars <= len(self._text):
+            raise ValueError(f"{num_emitted_chars} characters were emitted but the tokens decode to {len(self._text)}")
+        self.output_text = self._text[:num_emitted_chars]
+
     def flush(self) -> str:
         """Release text held back as a possible stop-string prefix; call when the request ends otherwise."""
         if self.stopped:

@@ -25,7 +25,7 @@ from workers.engine.loader import load_model
 from workers.engine.lora import LoRAManager, token_slots
 from workers.engine.model_runner import ModelRunner, allocate_kv_cache, build_step_inputs, num_blocks_for_budget
 from workers.engine.request import Request, RequestOutput, RequestStatus
-from workers.engine.sampler import make_generator, sample
+from workers.engine.sampler import sample, token_generator
 from workers.engine.sampling_params import SamplingParams
 from workers.engine.scheduler import ScheduledRequest, Scheduler, SchedulerConfig
 from workers.engine.tokenizer import Tokenizer
@@ -56,14 +56,20 @@ class EngineStats:
     expert_counts: dict[int, list[int]] = field(default_factory=dict)
     """MoE layer index -> tokens routed to each expert since start."""
     lora_adapters: list[str] = field(default_factory=list)
+    """Adapters registered (loadable without a path)."""
+    num_pending_prefill_tokens: int = 0
+    """Prompt and recompute tokens queued or mid-prefill: the prefill work ahead of a new request."""
+    resident_adapters: list[str] = field(default_factory=list)
+    """Registered adapters sitting in a slot now."""
+    num_adapter_slots: int = 0
+    """Adapter slots (`max_loras`); 0 without LoRA support."""
 
 
 @dataclass
 class _RequestExtras:
-    """Per-request state the scheduler does not need: detokenizer and sampling generator."""
+    """Per-request state the scheduler does not need: the detokenizer (sampling state is `(seed, output index)`)."""
 
     detokenizer: IncrementalDetokenizer | None
-    generator: torch.Generator | None
 
 
 class Engine:
@@ -80,6 +86,8 @@ class Engine:
         self._init_scheduler()
         self._init_lora()
         self._extras: dict[str, _RequestExtras] = {}
+        self._staged: dict[str, int] = {}
+        """Incoming migrations: request id -> blocks written into its reservation so far."""
         self._token_times: deque[tuple[float, int]] = deque()
         self._num_generated_tokens = 0
 
@@ -128,6 +136,7 @@ class Engine:
                 enable_prefix_caching=self.config.enable_prefix_caching,
                 max_model_len=self.max_model_len,
                 max_loras=self.config.max_loras or None,
+                short_prompt_tokens=self.config.short_prompt_tokens,
             )
         )
         logger.info(
@@ -181,13 +190,22 @@ class Engine:
         lora_name: str | None = None,
         priority: int = 0,
         arrival_time: float | None = None,
+        resume_output_token_ids: Sequence[int] = (),
+        resume_num_text_chars: int = 0,
     ) -> None:
-        """Queue a request. Raises an `InvalidRequestError` subclass for bad input."""
+        """Queue a request. Raises an `InvalidRequestError` subclass for bad input.
+
+        Resuming (failover): `resume_output_token_ids` are output tokens a caller already received from
+        another engine. They are recomputed with the prompt (like a preempted request), count toward
+        `max_tokens` and stop checks, and are never reported again: outputs start at output index
+        `len(resume_output_token_ids)`, and text at character `resume_num_text_chars` of the output text.
+        """
         params = params or SamplingParams()
         if request_id in self._extras:
             raise DuplicateRequestError(f"request id {request_id!r} is already in the engine")
         prompt_ids = self._tokenize(prompt)
         self._check_prompt_length(len(prompt_ids))
+        resume_ids = self._check_resume(params, resume_output_token_ids, resume_num_text_chars)
         request = Request(
             request_id=request_id,
             prompt_token_ids=prompt_ids,
@@ -196,10 +214,25 @@ class Engine:
             lora_id=self._resolve_lora(lora_name),
             lora_name=lora_name,
             priority=priority,
+            output_token_ids=resume_ids,
             **({} if arrival_time is None else {"arrival_time": arrival_time}),
         )
+        extras = self._make_extras(request, num_emitted_output_tokens=0)
+        if resume_ids and extras.detokenizer is not None:
+            try:
+                extras.detokenizer.skip(resume_ids, resume_num_text_chars)
+            except ValueError as exc:
+                raise InvalidRequestError(f"cannot resume request {request_id!r}: {exc}") from None
         self.scheduler.add_request(request)
-        self._extras[request_id] = self._make_extras(request, num_emitted_output_tokens=0)
+        self._extras[request_id] = extras
+        if resume_ids:
+            logger.info(
+                "request resumed request_id=%s prompt_tokens=%d resume_tokens=%d resume_text_chars=%d",
+                request_id,
+                len(prompt_ids),
+                len(resume_ids),
+                resume_num_text_chars,
+            )
 
     def abort(self, request_id: str) -> bool:
         """Stop a request and free its blocks. Returns False when the id is unknown or already done."""
@@ -272,11 +305,16 @@ class Engine:
 
     # ---- KV handoff -----------------------------------------------------------------------
 
-    def export_kv(self, request_id: str, from_block: int = 0) -> KVExport:
-        """Copy a request's computed KV blocks from `from_block` on, plus the state to resume it elsewhere."""
+    def export_kv(self, request_id: str, from_block: int = 0, *, full_blocks_only: bool = False) -> KVExport:
+        """Copy a request's computed KV blocks from `from_block` on, plus the state to resume it elsewhere.
+
+        `full_blocks_only` leaves out a partly filled last block (a pre-copy stage: that block still changes).
+        """
         request = self._running_request(request_id)
         block_ids = self.scheduler.get_block_ids(request_id)
-        num_blocks = -(-request.num_computed_tokens // self.config.block_size)
+        num_blocks = request.num_computed_tokens // self.config.block_size
+        if not full_blocks_only:
+            num_blocks = -(-request.num_computed_tokens // self.config.block_size)
         if not 0 <= from_block <= num_blocks:
             raise ValueError(f"from_block={from_block} is outside [0, {num_blocks}] for request {request_id!r}")
         extras = self._extras[request_id]
@@ -298,24 +336,23 @@ class Engine:
             block_size=self.config.block_size,
             from_block=from_block,
             kv=gather_blocks(self.runner.kv_cache, block_ids[from_block:num_blocks]),
-            generator_state=None if extras.generator is None else extras.generator.get_state(),
             detokenizer_state=None if extras.detokenizer is None else extras.detokenizer.snapshot(),
         )
 
-    def import_kv(self, export: KVExport) -> None:
-        """Install a request exported by another engine (from block 0) and continue decoding it here."""
-        if export.from_block != 0:
-            raise ValueError("import_kv needs a full export (from_block=0); incremental imports are for migration")
-        if export.block_size != self.config.block_size:
+    def import_kv(self, export: KVExport, *, reserved: bool = False) -> None:
+        """Install a request exported by another engine (from block 0) and continue decoding it here.
+
+        With `reserved` this is a migration's commit: the blocks before `export.from_block` were
+        already written by `stage_kv` into the request's reservation, whose blocks the request takes.
+        """
+        self._check_export(export)
+        if reserved and self._staged.get(export.request_id) != export.from_block:
             raise ValueError(
-                f"block size mismatch: export has {export.block_size}, engine uses {self.config.block_size}"
+                f"commit of {export.request_id!r} from block {export.from_block}, but "
+                f"{self._staged.get(export.request_id, 'no reservation: 0')} blocks were staged"
             )
-        if export.request_id in self._extras:
-            raise DuplicateRequestError(f"request id {export.request_id!r} is already in the engine")
-        cache_shape = list(self.runner.kv_cache.shape)
-        cache_shape[BLOCK_DIM] = export.num_blocks
-        if list(export.kv.shape) != cache_shape:
-            raise ValueError(f"KV shape {tuple(export.kv.shape)} does not fit this model's cache layout")
+        if not reserved and export.from_block != 0:
+            raise ValueError("import_kv needs a full export (from_block=0); incremental imports are for migration")
         request = Request(
             request_id=export.request_id,
             prompt_token_ids=export.prompt_token_ids,
@@ -327,11 +364,11 @@ class Engine:
             output_token_ids=list(export.output_token_ids),
             num_computed_tokens=export.num_computed_tokens,
         )
-        block_ids = self.scheduler.add_imported_request(request)
-        scatter_blocks(self.runner.kv_cache, block_ids[: export.num_blocks], export.kv.to(self.dtype))
+        block_ids = self.scheduler.add_imported_request(request, export.request_id if reserved else None)
+        self._staged.pop(export.request_id, None)
+        new_blocks = block_ids[export.from_block : export.from_block + export.num_blocks]
+        scatter_blocks(self.runner.kv_cache, new_blocks, export.kv.to(self.dtype))
         extras = self._make_extras(request, num_emitted_output_tokens=len(export.output_token_ids))
-        if export.generator_state is not None and extras.generator is not None:
-            extras.generator.set_state(export.generator_state)
         if export.detokenizer_state is not None and extras.detokenizer is not None:
             extras.detokenizer = IncrementalDetokenizer.restore(
                 self.tokenizer, export.detokenizer_state, export.sampling_params.stop
@@ -344,6 +381,38 @@ class Engine:
             export.num_computed_tokens,
             export.nbytes,
         )
+
+    def reserve_kv(self, request_id: str, num_blocks: int) -> None:
+        """Destination of a migration: hold `num_blocks` blocks for `request_id` (grows an existing reservation)."""
+        if request_id in self._extras:
+            raise DuplicateRequestError(f"request id {request_id!r} is already in the engine")
+        self.scheduler.reserve_blocks(request_id, num_blocks)
+        self._staged.setdefault(request_id, 0)
+
+    def stage_kv(self, export: KVExport) -> None:
+        """Write a pre-copy stage (blocks from `export.from_block`, right after the last stage) into the reservation."""
+        self._check_export(export)
+        staged = self._staged.get(export.request_id)
+        if staged != export.from_block:
+            raise ValueError(f"stage of {export.request_id!r} from block {export.from_block}, expected {staged}")
+        end = export.from_block + export.num_blocks
+        block_ids = self.scheduler.reserve_blocks(export.request_id, end)
+        scatter_blocks(self.runner.kv_cache, block_ids[export.from_block : end], export.kv.to(self.dtype))
+        self._staged[export.request_id] = end
+
+    def release_reservation(self, request_id: str) -> int:
+        """Drop an incoming migration that will not commit; returns the blocks freed."""
+        self._staged.pop(request_id, None)
+        return self.scheduler.release_reservation(request_id)
+
+    def pause(self, request_id: str) -> None:
+        """Source of a migration: stop stepping a running request, keeping its KV, for the final copy."""
+        self._running_request(request_id)
+        self.scheduler.pause(request_id)
+
+    def unpause(self, request_id: str) -> bool:
+        """Resume a paused request (its migration aborted); False when it is not paused."""
+        return self.scheduler.unpause(request_id)
 
     # ---- stats ----------------------------------------------------------------------------
 
@@ -364,10 +433,18 @@ class Engine:
             output_tokens_per_s=window_tokens / _THROUGHPUT_WINDOW_S,
             num_generated_tokens=self._num_generated_tokens,
             num_preemptions=self.scheduler.num_preemptions,
+            num_pending_prefill_tokens=self.scheduler.num_pending_prefill_tokens,
             prefix_cache_hit_rate=self.scheduler.prefix_cache_hit_rate,
             expert_counts=expert_counts,
             lora_adapters=self.list_loras(),
+            resident_adapters=[] if self.lora is None else self.lora.resident_adapters(),
+            num_adapter_slots=0 if self.lora is None else self.lora.max_loras,
         )
+
+    def prefix_block_hashes(self, limit: int) -> list[int]:
+        """The prefix-cache summary a worker publishes: `stable_block_hash` of up to `limit` reachable blocks."""
+        names = {} if self.lora is None else {self.lora.lora_id(name): name for name in self.lora.list_adapters()}
+        return self.scheduler.kv.cached_block_hashes(limit, names)
 
     # ---- internals ------------------------------------------------------------------------
 
@@ -401,6 +478,18 @@ class Engine:
             raise UnknownAdapterError(f"unknown LoRA adapter {lora_name!r}; loaded: {self.list_loras()}")
         return self.lora.lora_id(lora_name)
 
+    def _check_export(self, export: KVExport) -> None:
+        if export.block_size != self.config.block_size:
+            raise ValueError(
+                f"block size mismatch: export has {export.block_size}, engine uses {self.config.block_size}"
+            )
+        if export.request_id in self._extras:
+            raise DuplicateRequestError(f"request id {export.request_id!r} is already in the engine")
+        cache_shape = list(self.runner.kv_cache.shape)
+        cache_shape[BLOCK_DIM] = export.num_blocks
+        if list(export.kv.shape) != cache_shape:
+            raise ValueError(f"KV shape {tuple(export.kv.shape)} does not fit this model's cache layout")
+
     def _running_request(self, request_id: str) -> Request:
         request = self.scheduler.get_request(request_id)
         if request is None or request_id not in self._extras:
@@ -409,14 +498,34 @@ class Engine:
             raise InvalidRequestError(f"request {request_id!r} has no KV to export (status {request.status.value})")
         return request
 
+    def _check_resume(
+        self,
+        params: SamplingParams,
+        resume_output_token_ids: Sequence[int],
+        resume_num_text_chars: int,
+    ) -> list[int]:
+        resume_ids = [int(t) for t in resume_output_token_ids]
+        vocab = self.model_config.vocab_size
+        bad = next((t for t in resume_ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise InvalidRequestError(f"resume token id {bad} is outside the vocabulary [0, {vocab})")
+        if len(resume_ids) >= params.max_tokens:
+            raise InvalidRequestError(
+                f"cannot resume with {len(resume_ids)} output tokens: max_tokens={params.max_tokens} was reached"
+            )
+        if resume_num_text_chars < 0 or (resume_num_text_chars and not resume_ids):
+            raise InvalidRequestError(
+                f"resume_num_text_chars={resume_num_text_chars} needs resume tokens and must be >= 0"
+            )
+        return resume_ids  # the scheduler refuses prompt + resume past the context
+
     def _make_extras(self, request: Request, *, num_emitted_output_tokens: int) -> _RequestExtras:
         params = request.sampling_params
         detok = None
         if params.detokenize:
             emitted = request.output_token_ids[:num_emitted_output_tokens]
             detok = IncrementalDetokenizer(self.tokenizer, request.prompt_token_ids + emitted, params.stop)
-        generator = None if params.is_greedy else make_generator(params.seed)
-        return _RequestExtras(detokenizer=detok, generator=generator)
+        return _RequestExtras(detokenizer=detok)
 
     def _lora_slots(self, scheduled: Sequence[ScheduledRequest]) -> torch.Tensor | None:
         if self.lora is None:
@@ -433,7 +542,11 @@ class Engine:
             return {}
         requests = [self.scheduler.get_request(rid) for rid in request_ids]
         params = [r.sampling_params for r in requests]
-        generators = [self._extras[rid].generator for rid in request_ids]
+        # Index of the token each request samples now: a seeded draw depends on (seed, index) only.
+        generators = [
+            None if p.is_greedy or p.seed is None else token_generator(p.seed, r.num_output_tokens)
+            for r, p in zip(requests, params, strict=True)
+        ]
         out = sample(logits, params, generators)
         return {rid: (tok, lp) for rid, tok, lp in zip(request_ids, out.token_ids, out.logprobs, strict=True)}
 

@@ -17,6 +17,8 @@ BLOCK_DIM = 3
 class KVExport:
     """A request's KV blocks and everything needed to resume it on another engine.
 
+    No RNG state travels: a seeded request's draw at output index i depends only on its seed and i.
+
     `kv` is `[num_layers, 2, num_kv_heads, num_blocks, block_size, head_dim]` holding the
     request's blocks `from_block, from_block + 1, ...`; the last block may be partly filled.
     """
@@ -32,8 +34,6 @@ class KVExport:
     block_size: int
     from_block: int
     kv: torch.Tensor
-    generator_state: torch.Tensor | None = None
-    """RNG state of a sampled (non-greedy) request, so a seeded request stays reproducible."""
     detokenizer_state: DetokenizerState | None = None
     """Text state, so text held back for a possible stop string is neither lost nor repeated."""
 

@@ -123,6 +123,10 @@ class LoRAManager:
     def num_slots_used(self) -> int:
         return len(self._slots)
 
+    def resident_adapters(self) -> list[str]:
+        """Adapters sitting in a slot (a request using one starts without a load), least recently used first."""
+        return [self._by_id[lora_id].name for lora_id in self._slots]
+
     def activate(self, lora_ids: Iterable[int]) -> dict[int, int]:
         """Make every adapter of this batch resident; returns lora_id -> slot."""
         wanted = list(dict.fromkeys(lora_ids))

@@ -91,3 +91,5 @@ class RequestOutput:
     """Per new token: token id -> logprob for the sampled token and the top-n."""
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0
+    migrated_to: str = ""
+    """Set on the last output of a request that moved to another worker (`finished`, no `finish_reason`)."""

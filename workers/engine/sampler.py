@@ -1,4 +1,9 @@
-"""Token sampling: greedy, temperature, top-k, top-p, per-request seeds, and top-n logprobs."""
+"""Token sampling: greedy, temperature, top-k, top-p, per-request seeds, and top-n logprobs.
+
+A seeded request draws its token at output index i from a generator seeded by `(seed, i)` alone
+(`token_generator`), so a request recomputed or resumed on another worker samples the same tokens
+without carrying any RNG state along.
+"""
 
 from __future__ import annotations
 
@@ -22,6 +27,25 @@ class SamplerOutput:
 def make_generator(seed: int | None) -> torch.Generator | None:
     """A request's own RNG when it has a seed; None means the sampler's shared one."""
     return None if seed is None else torch.Generator().manual_seed(seed)
+
+
+_MASK64 = (1 << 64) - 1
+
+
+def token_generator(seed: int, output_index: int) -> torch.Generator:
+    """The generator for a seeded request's token at `output_index`: a function of `(seed, output_index)` only."""
+    if output_index < 0:
+        raise ValueError(f"output_index must be >= 0, got {output_index}")
+    return torch.Generator().manual_seed(_mix(seed, output_index))
+
+
+def _mix(seed: int, output_index: int) -> int:
+    """splitmix64 of the pair, so neighbouring (seed, index) pairs give unrelated streams."""
+    x = ((seed & _MASK64) * 0x9E3779B97F4A7C15 + output_index + 1) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    # manual_seed takes a non-negative 63-bit value on every platform.
+    return (x ^ (x >> 31)) & ((1 << 63) - 1)
 
 
 def sample(

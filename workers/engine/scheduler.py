@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import bisect
 import logging
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -15,6 +16,7 @@ from workers.engine.block_manager import KVCacheManager, cdiv
 from workers.engine.errors import DuplicateRequestError, EmptyPromptError, PromptTooLongError
 from workers.engine.request import Request, RequestStatus
 from workers.engine.scheduler_types import NoKVCapacityError, ScheduledRequest, SchedulerConfig, SchedulerOutput
+from workers.engine.waiting_order import waiting_order
 
 __all__ = ["NoKVCapacityError", "ScheduledRequest", "Scheduler", "SchedulerConfig", "SchedulerOutput"]
 
@@ -81,6 +83,8 @@ class Scheduler:
         self.running: list[Request] = []
         """Sorted by `_order`, so the last one is the preemption victim."""
         self.requests: dict[str, Request] = {}
+        self.paused: dict[str, Request] = {}
+        """Running requests held out of scheduling (their blocks kept) while they migrate away."""
 
     def _init_counters(self) -> None:
         self.num_preemptions = 0
@@ -112,10 +116,17 @@ class Scheduler:
         return self.kv.num_cached_blocks
 
     @property
+    def num_pending_prefill_tokens(self) -> int:
+        """Prompt (and recompute) tokens still to prefill, waiting and running requests together."""
+        # A decoding request's last sampled token is uncomputed too; that one is decode work, not prefill.
+        return sum(max(r.num_tokens - r.num_computed_tokens - 1, 0) for r in (*self.waiting, *self.running))
+
+    @property
     def prefix_cache_hit_rate(self) -> float:
         return self.num_prefix_cache_hits / self.num_prefix_cache_queries if self.num_prefix_cache_queries else 0.0
 
     def has_unfinished_requests(self) -> bool:
+        """Whether a step has work; paused requests do not count, they wait for their migration to settle."""
         return bool(self.waiting or self.running)
 
     def get_request(self, request_id: str) -> Request | None:
@@ -134,12 +145,12 @@ class Scheduler:
         self.requests[request.request_id] = request
         bisect.insort(self.waiting, request, key=_order)
 
-    def add_imported_request(self, request: Request) -> list[int]:
+    def add_imported_request(self, request: Request, reservation: str | None = None) -> list[int]:
         """Run a request whose first `num_computed_tokens` tokens' KV arrives from another engine.
 
-        Allocates blocks covering those tokens, makes the request RUNNING and returns its block ids
-        for the caller to fill before the next step. Raises `NoKVCapacityError` when seats or blocks
-        are short right now.
+        Allocates blocks covering those tokens (or takes them from `reservation`, see `reserve_blocks`),
+        makes the request RUNNING and returns its block ids for the caller to fill before the next step.
+        Raises `NoKVCapacityError` when seats or blocks are short right now.
         """
         self._check_new_request(request)
         if not 0 <= request.num_computed_tokens < request.num_tokens:
@@ -147,11 +158,14 @@ class Scheduler:
                 f"imported request {request.request_id!r} must have 0 <= num_computed_tokens < num_tokens "
                 f"(at least one token left to compute), got {request.num_computed_tokens} of {request.num_tokens}"
             )
-        if len(self.running) >= self.config.max_num_seqs:
+        if len(self.running) + len(self.paused) >= self.config.max_num_seqs:
             raise NoKVCapacityError(
                 f"cannot import {request.request_id!r}: {len(self.running)} requests already running (max_num_seqs)"
             )
-        if not self.kv.allocate(request, request.num_computed_tokens):
+        if reservation is not None:
+            self.reserve_blocks(reservation, cdiv(request.num_computed_tokens, self.config.block_size))
+            self.kv.adopt_reserved(reservation, request, request.num_computed_tokens)
+        elif not self.kv.allocate(request, request.num_computed_tokens):
             raise NoKVCapacityError(
                 f"cannot import {request.request_id!r}: it needs "
                 f"{cdiv(request.num_computed_tokens, self.config.block_size)} KV blocks, "
@@ -190,10 +204,52 @@ class Scheduler:
             request = self.requests.pop(request_id, None)
             if request is None:
                 continue
-            queue = self.running if request.status is RequestStatus.RUNNING else self.waiting
-            queue.remove(request)
+            if self.paused.pop(request_id, None) is None:
+                queue = self.running if request.status is RequestStatus.RUNNING else self.waiting
+                queue.remove(request)
             request.status = status
             self.kv.free(request_id)
+
+    # ---- migration --------------------------------------------------------------------------
+
+    def reserve_blocks(self, reservation: str, num_blocks: int) -> list[int]:
+        """Hold at least `num_blocks` blocks under `reservation` for an incoming request; grows, never shrinks.
+
+        Reserved blocks belong to no request, so no step allocates, preempts or caches them until
+        `add_imported_request(..., reservation)` adopts them or `release_reservation` frees them.
+        Raises `NoKVCapacityError` (reserving nothing more) when too few blocks are free.
+        """
+        if num_blocks < 0:
+            raise ValueError(f"num_blocks must be >= 0, got {num_blocks}")
+        if num_blocks > self.config.num_blocks:
+            raise NoKVCapacityError(f"cannot reserve {num_blocks} blocks: the pool has {self.config.num_blocks}")
+        blocks = self.kv.reserve(reservation, num_blocks)
+        if blocks is None:
+            held = len(self.kv.reserved_block_ids(reservation))
+            raise NoKVCapacityError(
+                f"cannot reserve {num_blocks} KV blocks for {reservation!r}: {held} held, {self.num_free_blocks} free"
+            )
+        return blocks
+
+    def release_reservation(self, reservation: str) -> int:
+        """Free a reservation's blocks; returns how many (0 when there was none)."""
+        return self.kv.release_reserved(reservation)
+
+    def pause(self, request_id: str) -> None:
+        """Stop scheduling a running request but keep its blocks (its final migration copy is taken now)."""
+        request = self.requests.get(request_id)
+        if request is None or request.status is not RequestStatus.RUNNING or request_id in self.paused:
+            raise ValueError(f"only a running, unpaused request can be paused; {request_id!r} is not one")
+        self.running.remove(request)
+        self.paused[request_id] = request
+
+    def unpause(self, request_id: str) -> bool:
+        """Schedule a paused request again (its migration aborted); False when it is not paused."""
+        request = self.paused.pop(request_id, None)
+        if request is None:
+            return False
+        bisect.insort(self.running, request, key=_order)
+        return True
 
     # ---- the step ---------------------------------------------------------------------------
 
@@ -230,8 +286,14 @@ class Scheduler:
         return True
 
     def _schedule_waiting(self, step: _Step) -> None:
-        for request in list(self.waiting):
-            if step.budget <= 0 or len(self.running) >= self.config.max_num_seqs:
+        ordered = waiting_order(
+            self.waiting,
+            short_prompt_tokens=self.config.short_prompt_tokens,
+            max_long_wait_s=self.config.max_long_wait_s,
+            now=time.monotonic(),
+        )
+        for request in list(ordered):
+            if step.budget <= 0 or len(self.running) + len(self.paused) >= self.config.max_num_seqs:
                 return
             # A request whose adapter has no free slot waits; requests behind it may still start.
             if not self._fits_lora_slots(request):

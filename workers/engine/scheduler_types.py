@@ -29,6 +29,11 @@ class SchedulerConfig:
     """Longest prompt plus output; None leaves only the KV pool as the limit."""
     max_loras: int | None = None
     """Most distinct LoRA adapters among running requests (the engine's adapter slots); None is unlimited."""
+    short_prompt_tokens: int = 0
+    """LAPS in time: waiting prompts of at most this many tokens start before longer ones (0: first come,
+    first served); see `waiting_order`."""
+    max_long_wait_s: float = 0.5
+    """Under LAPS, a long prompt that has waited this long is no longer passed over."""
 
     def __post_init__(self) -> None:
         for name in ("block_size", "num_blocks", "max_num_batched_tokens", "max_num_seqs"):
@@ -39,6 +44,11 @@ class SchedulerConfig:
             raise ValueError(
                 f"max_num_seqs ({self.max_num_seqs}) cannot exceed max_num_batched_tokens "
                 f"({self.max_num_batched_tokens}): every running decode needs one token of the budget"
+            )
+        if self.short_prompt_tokens < 0 or self.max_long_wait_s < 0:
+            raise ValueError(
+                f"short_prompt_tokens and max_long_wait_s must be >= 0, got {self.short_prompt_tokens}, "
+                f"{self.max_long_wait_s}"
             )
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError(f"max_model_len must be >= 2 (one prompt and one output token), got {self.max_model_len}")

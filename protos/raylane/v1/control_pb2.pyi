@@ -19,7 +19,7 @@ class PoolSpec(_message.Message):
     def __init__(self, role: _Optional[str] = ..., replicas: _Optional[int] = ..., num_cpus: _Optional[float] = ..., num_gpus: _Optional[float] = ...) -> None: ...
 
 class EngineOptions(_message.Message):
-    __slots__ = ("block_size", "kv_cache_bytes", "max_num_batched_tokens", "max_num_seqs", "max_loras", "max_lora_rank", "enable_prefix_caching")
+    __slots__ = ("block_size", "kv_cache_bytes", "max_num_batched_tokens", "max_num_seqs", "max_loras", "max_lora_rank", "enable_prefix_caching", "short_prompt_tokens")
     BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
     KV_CACHE_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAX_NUM_BATCHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -27,6 +27,7 @@ class EngineOptions(_message.Message):
     MAX_LORAS_FIELD_NUMBER: _ClassVar[int]
     MAX_LORA_RANK_FIELD_NUMBER: _ClassVar[int]
     ENABLE_PREFIX_CACHING_FIELD_NUMBER: _ClassVar[int]
+    SHORT_PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     block_size: int
     kv_cache_bytes: int
     max_num_batched_tokens: int
@@ -34,7 +35,8 @@ class EngineOptions(_message.Message):
     max_loras: int
     max_lora_rank: int
     enable_prefix_caching: bool
-    def __init__(self, block_size: _Optional[int] = ..., kv_cache_bytes: _Optional[int] = ..., max_num_batched_tokens: _Optional[int] = ..., max_num_seqs: _Optional[int] = ..., max_loras: _Optional[int] = ..., max_lora_rank: _Optional[int] = ..., enable_prefix_caching: _Optional[bool] = ...) -> None: ...
+    short_prompt_tokens: int
+    def __init__(self, block_size: _Optional[int] = ..., kv_cache_bytes: _Optional[int] = ..., max_num_batched_tokens: _Optional[int] = ..., max_num_seqs: _Optional[int] = ..., max_loras: _Optional[int] = ..., max_lora_rank: _Optional[int] = ..., enable_prefix_caching: _Optional[bool] = ..., short_prompt_tokens: _Optional[int] = ...) -> None: ...
 
 class SloTargets(_message.Message):
     __slots__ = ("ttft_ms_p99", "tpot_ms_p99")
@@ -57,7 +59,7 @@ class AdapterSpec(_message.Message):
     def __init__(self, name: _Optional[str] = ..., path: _Optional[str] = ..., tenant: _Optional[str] = ..., deployment: _Optional[str] = ...) -> None: ...
 
 class DeploymentSpec(_message.Message):
-    __slots__ = ("name", "model", "dtype", "pools", "adapters", "engine", "slo")
+    __slots__ = ("name", "model", "dtype", "pools", "adapters", "engine", "slo", "group", "tier")
     NAME_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
@@ -65,6 +67,8 @@ class DeploymentSpec(_message.Message):
     ADAPTERS_FIELD_NUMBER: _ClassVar[int]
     ENGINE_FIELD_NUMBER: _ClassVar[int]
     SLO_FIELD_NUMBER: _ClassVar[int]
+    GROUP_FIELD_NUMBER: _ClassVar[int]
+    TIER_FIELD_NUMBER: _ClassVar[int]
     name: str
     model: str
     dtype: str
@@ -72,7 +76,9 @@ class DeploymentSpec(_message.Message):
     adapters: _containers.RepeatedCompositeFieldContainer[AdapterSpec]
     engine: EngineOptions
     slo: SloTargets
-    def __init__(self, name: _Optional[str] = ..., model: _Optional[str] = ..., dtype: _Optional[str] = ..., pools: _Optional[_Iterable[_Union[PoolSpec, _Mapping]]] = ..., adapters: _Optional[_Iterable[_Union[AdapterSpec, _Mapping]]] = ..., engine: _Optional[_Union[EngineOptions, _Mapping]] = ..., slo: _Optional[_Union[SloTargets, _Mapping]] = ...) -> None: ...
+    group: str
+    tier: str
+    def __init__(self, name: _Optional[str] = ..., model: _Optional[str] = ..., dtype: _Optional[str] = ..., pools: _Optional[_Iterable[_Union[PoolSpec, _Mapping]]] = ..., adapters: _Optional[_Iterable[_Union[AdapterSpec, _Mapping]]] = ..., engine: _Optional[_Union[EngineOptions, _Mapping]] = ..., slo: _Optional[_Union[SloTargets, _Mapping]] = ..., group: _Optional[str] = ..., tier: _Optional[str] = ...) -> None: ...
 
 class ApplyDeploymentRequest(_message.Message):
     __slots__ = ("spec", "expected_version")
@@ -111,7 +117,7 @@ class ListDeploymentsResponse(_message.Message):
     def __init__(self, deployments: _Optional[_Iterable[_Union[DeploymentSpec, _Mapping]]] = ...) -> None: ...
 
 class WorkerInfo(_message.Message):
-    __slots__ = ("worker_id", "role", "state", "num_running", "num_waiting", "kv_blocks_used", "kv_blocks_total", "output_tokens_per_s", "adapters")
+    __slots__ = ("worker_id", "role", "state", "num_running", "num_waiting", "kv_blocks_used", "kv_blocks_total", "output_tokens_per_s", "adapters", "num_migrations_started", "num_migrations_committed", "num_migrations_aborted", "migration_bytes_moved", "migration_last_downtime_ms", "draining")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -121,6 +127,12 @@ class WorkerInfo(_message.Message):
     KV_BLOCKS_TOTAL_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_TOKENS_PER_S_FIELD_NUMBER: _ClassVar[int]
     ADAPTERS_FIELD_NUMBER: _ClassVar[int]
+    NUM_MIGRATIONS_STARTED_FIELD_NUMBER: _ClassVar[int]
+    NUM_MIGRATIONS_COMMITTED_FIELD_NUMBER: _ClassVar[int]
+    NUM_MIGRATIONS_ABORTED_FIELD_NUMBER: _ClassVar[int]
+    MIGRATION_BYTES_MOVED_FIELD_NUMBER: _ClassVar[int]
+    MIGRATION_LAST_DOWNTIME_MS_FIELD_NUMBER: _ClassVar[int]
+    DRAINING_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     role: str
     state: str
@@ -130,7 +142,13 @@ class WorkerInfo(_message.Message):
     kv_blocks_total: int
     output_tokens_per_s: float
     adapters: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[str] = ..., state: _Optional[str] = ..., num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., kv_blocks_used: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., output_tokens_per_s: _Optional[float] = ..., adapters: _Optional[_Iterable[str]] = ...) -> None: ...
+    num_migrations_started: int
+    num_migrations_committed: int
+    num_migrations_aborted: int
+    migration_bytes_moved: int
+    migration_last_downtime_ms: float
+    draining: bool
+    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[str] = ..., state: _Optional[str] = ..., num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., kv_blocks_used: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., output_tokens_per_s: _Optional[float] = ..., adapters: _Optional[_Iterable[str]] = ..., num_migrations_started: _Optional[int] = ..., num_migrations_committed: _Optional[int] = ..., num_migrations_aborted: _Optional[int] = ..., migration_bytes_moved: _Optional[int] = ..., migration_last_downtime_ms: _Optional[float] = ..., draining: _Optional[bool] = ...) -> None: ...
 
 class PoolInfo(_message.Message):
     __slots__ = ("deployment", "role", "desired_replicas", "workers")
@@ -242,21 +260,83 @@ class RegisterAdapterResponse(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
+class MigrationResult(_message.Message):
+    __slots__ = ("request_id", "source_id", "destination_id", "outcome", "reason", "num_stages", "num_blocks_copied", "bytes_moved", "downtime_ms", "total_ms")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_ID_FIELD_NUMBER: _ClassVar[int]
+    DESTINATION_ID_FIELD_NUMBER: _ClassVar[int]
+    OUTCOME_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    NUM_STAGES_FIELD_NUMBER: _ClassVar[int]
+    NUM_BLOCKS_COPIED_FIELD_NUMBER: _ClassVar[int]
+    BYTES_MOVED_FIELD_NUMBER: _ClassVar[int]
+    DOWNTIME_MS_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_MS_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    source_id: str
+    destination_id: str
+    outcome: str
+    reason: str
+    num_stages: int
+    num_blocks_copied: int
+    bytes_moved: int
+    downtime_ms: float
+    total_ms: float
+    def __init__(self, request_id: _Optional[str] = ..., source_id: _Optional[str] = ..., destination_id: _Optional[str] = ..., outcome: _Optional[str] = ..., reason: _Optional[str] = ..., num_stages: _Optional[int] = ..., num_blocks_copied: _Optional[int] = ..., bytes_moved: _Optional[int] = ..., downtime_ms: _Optional[float] = ..., total_ms: _Optional[float] = ...) -> None: ...
+
+class MigrateRequest(_message.Message):
+    __slots__ = ("request_id", "destination_worker_id")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    DESTINATION_WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    destination_worker_id: str
+    def __init__(self, request_id: _Optional[str] = ..., destination_worker_id: _Optional[str] = ...) -> None: ...
+
+class MigrateResponse(_message.Message):
+    __slots__ = ("result",)
+    RESULT_FIELD_NUMBER: _ClassVar[int]
+    result: MigrationResult
+    def __init__(self, result: _Optional[_Union[MigrationResult, _Mapping]] = ...) -> None: ...
+
+class DrainRequest(_message.Message):
+    __slots__ = ("worker_id", "scale_down", "timeout_s")
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    SCALE_DOWN_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
+    worker_id: str
+    scale_down: bool
+    timeout_s: float
+    def __init__(self, worker_id: _Optional[str] = ..., scale_down: _Optional[bool] = ..., timeout_s: _Optional[float] = ...) -> None: ...
+
+class DrainResponse(_message.Message):
+    __slots__ = ("migrations", "num_remaining", "stopped")
+    MIGRATIONS_FIELD_NUMBER: _ClassVar[int]
+    NUM_REMAINING_FIELD_NUMBER: _ClassVar[int]
+    STOPPED_FIELD_NUMBER: _ClassVar[int]
+    migrations: _containers.RepeatedCompositeFieldContainer[MigrationResult]
+    num_remaining: int
+    stopped: bool
+    def __init__(self, migrations: _Optional[_Iterable[_Union[MigrationResult, _Mapping]]] = ..., num_remaining: _Optional[int] = ..., stopped: _Optional[bool] = ...) -> None: ...
+
 class ClusterStatusRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
 class ReconcileStats(_message.Message):
-    __slots__ = ("num_loops", "last_loop_ms", "num_errors", "num_workers_replaced")
+    __slots__ = ("num_loops", "last_loop_ms", "num_errors", "num_workers_replaced", "num_rebalance_migrations", "num_rebalance_committed")
     NUM_LOOPS_FIELD_NUMBER: _ClassVar[int]
     LAST_LOOP_MS_FIELD_NUMBER: _ClassVar[int]
     NUM_ERRORS_FIELD_NUMBER: _ClassVar[int]
     NUM_WORKERS_REPLACED_FIELD_NUMBER: _ClassVar[int]
+    NUM_REBALANCE_MIGRATIONS_FIELD_NUMBER: _ClassVar[int]
+    NUM_REBALANCE_COMMITTED_FIELD_NUMBER: _ClassVar[int]
     num_loops: int
     last_loop_ms: float
     num_errors: int
     num_workers_replaced: int
-    def __init__(self, num_loops: _Optional[int] = ..., last_loop_ms: _Optional[float] = ..., num_errors: _Optional[int] = ..., num_workers_replaced: _Optional[int] = ...) -> None: ...
+    num_rebalance_migrations: int
+    num_rebalance_committed: int
+    def __init__(self, num_loops: _Optional[int] = ..., last_loop_ms: _Optional[float] = ..., num_errors: _Optional[int] = ..., num_workers_replaced: _Optional[int] = ..., num_rebalance_migrations: _Optional[int] = ..., num_rebalance_committed: _Optional[int] = ...) -> None: ...
 
 class ClusterStatusResponse(_message.Message):
     __slots__ = ("router_addresses", "admin_address", "state_url", "num_deployments", "num_tenants", "num_workers", "num_healthy_workers", "reconcile", "pools")

@@ -89,6 +89,16 @@ class ControlPlaneStub:
                 request_serializer=protos_dot_raylane_dot_v1_dot_control__pb2.ClusterStatusRequest.SerializeToString,
                 response_deserializer=protos_dot_raylane_dot_v1_dot_control__pb2.ClusterStatusResponse.FromString,
                 _registered_method=True)
+        self.Migrate = channel.unary_unary(
+                '/raylane.v1.ControlPlane/Migrate',
+                request_serializer=protos_dot_raylane_dot_v1_dot_control__pb2.MigrateRequest.SerializeToString,
+                response_deserializer=protos_dot_raylane_dot_v1_dot_control__pb2.MigrateResponse.FromString,
+                _registered_method=True)
+        self.Drain = channel.unary_unary(
+                '/raylane.v1.ControlPlane/Drain',
+                request_serializer=protos_dot_raylane_dot_v1_dot_control__pb2.DrainRequest.SerializeToString,
+                response_deserializer=protos_dot_raylane_dot_v1_dot_control__pb2.DrainResponse.FromString,
+                _registered_method=True)
 
 
 class ControlPlaneServicer:
@@ -160,6 +170,20 @@ class ControlPlaneServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Migrate(self, request, context):
+        """Move one running request to another worker live (multi-stage KV pre-copy).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Drain(self, request, context):
+        """Move every running request off a worker, then stop it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ControlPlaneServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -217,6 +241,16 @@ def add_ControlPlaneServicer_to_server(servicer, server):
                     servicer.ClusterStatus,
                     request_deserializer=protos_dot_raylane_dot_v1_dot_control__pb2.ClusterStatusRequest.FromString,
                     response_serializer=protos_dot_raylane_dot_v1_dot_control__pb2.ClusterStatusResponse.SerializeToString,
+            ),
+            'Migrate': grpc.unary_unary_rpc_method_handler(
+                    servicer.Migrate,
+                    request_deserializer=protos_dot_raylane_dot_v1_dot_control__pb2.MigrateRequest.FromString,
+                    response_serializer=protos_dot_raylane_dot_v1_dot_control__pb2.MigrateResponse.SerializeToString,
+            ),
+            'Drain': grpc.unary_unary_rpc_method_handler(
+                    servicer.Drain,
+                    request_deserializer=protos_dot_raylane_dot_v1_dot_control__pb2.DrainRequest.FromString,
+                    response_serializer=protos_dot_raylane_dot_v1_dot_control__pb2.DrainResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -516,6 +550,60 @@ class ControlPlane:
             '/raylane.v1.ControlPlane/ClusterStatus',
             protos_dot_raylane_dot_v1_dot_control__pb2.ClusterStatusRequest.SerializeToString,
             protos_dot_raylane_dot_v1_dot_control__pb2.ClusterStatusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Migrate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/raylane.v1.ControlPlane/Migrate',
+            protos_dot_raylane_dot_v1_dot_control__pb2.MigrateRequest.SerializeToString,
+            protos_dot_raylane_dot_v1_dot_control__pb2.MigrateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Drain(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/raylane.v1.ControlPlane/Drain',
+            protos_dot_raylane_dot_v1_dot_control__pb2.DrainRequest.SerializeToString,
+            protos_dot_raylane_dot_v1_dot_control__pb2.DrainResponse.FromString,
             options,
             channel_credentials,
             insecure,

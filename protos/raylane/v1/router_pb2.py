@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1eprotos/raylane/v1/router.proto\x12\nraylane.v1\"\xae\x01\n\x0fSamplingOptions\x12\x12\n\nmax_tokens\x18\x01 \x01(\r\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\r\n\x05top_k\x18\x03 \x01(\r\x12\r\n\x05top_p\x18\x04 \x01(\x02\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x00\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\r\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x42\x07\n\x05_seed\"\xb5\x01\n\x0fGenerateRequest\x12\x12\n\ndeployment\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\r\x12\x0f\n\x07\x61\x64\x61pter\x18\x04 \x01(\t\x12-\n\x08sampling\x18\x05 \x01(\x0b\x32\x1b.raylane.v1.SamplingOptions\x12\x12\n\nrequest_id\x18\x06 \x01(\t\x12\x10\n\x08priority\x18\x07 \x01(\x05\"W\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x03 \x01(\r\"\x99\x01\n\nTokenChunk\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x0c\n\x04text\x18\x04 \x01(\t\x12\x10\n\x08\x66inished\x18\x05 \x01(\x08\x12\x15\n\rfinish_reason\x18\x06 \x01(\t\x12 \n\x05usage\x18\x07 \x01(\x0b\x32\x11.raylane.v1.Usage\"\x91\x01\n\x10\x43ompleteResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12 \n\x05usage\x18\x05 \x01(\x0b\x32\x11.raylane.v1.Usage\x12\x0f\n\x07ttft_ms\x18\x06 \x01(\x01\"6\n\x12\x43ountTokensRequest\x12\x12\n\ndeployment\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\")\n\x13\x43ountTokensResponse\x12\x12\n\nnum_tokens\x18\x01 \x01(\r2\xe2\x01\n\x06Router\x12\x41\n\x08Generate\x12\x1b.raylane.v1.GenerateRequest\x1a\x16.raylane.v1.TokenChunk0\x01\x12\x45\n\x08\x43omplete\x12\x1b.raylane.v1.GenerateRequest\x1a\x1c.raylane.v1.CompleteResponse\x12N\n\x0b\x43ountTokens\x12\x1e.raylane.v1.CountTokensRequest\x1a\x1f.raylane.v1.CountTokensResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1eprotos/raylane/v1/router.proto\x12\nraylane.v1\"\xae\x01\n\x0fSamplingOptions\x12\x12\n\nmax_tokens\x18\x01 \x01(\r\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\r\n\x05top_k\x18\x03 \x01(\r\x12\r\n\x05top_p\x18\x04 \x01(\x02\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x00\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\r\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x42\x07\n\x05_seed\"\xc3\x01\n\x0fGenerateRequest\x12\x12\n\ndeployment\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\r\x12\x0f\n\x07\x61\x64\x61pter\x18\x04 \x01(\t\x12-\n\x08sampling\x18\x05 \x01(\x0b\x32\x1b.raylane.v1.SamplingOptions\x12\x12\n\nrequest_id\x18\x06 \x01(\t\x12\x10\n\x08priority\x18\x07 \x01(\x05\x12\x0c\n\x04tier\x18\x08 \x01(\t\"W\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x03 \x01(\r\"\x99\x01\n\nTokenChunk\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x0c\n\x04text\x18\x04 \x01(\t\x12\x10\n\x08\x66inished\x18\x05 \x01(\x08\x12\x15\n\rfinish_reason\x18\x06 \x01(\t\x12 \n\x05usage\x18\x07 \x01(\x0b\x32\x11.raylane.v1.Usage\"\x91\x01\n\x10\x43ompleteResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12 \n\x05usage\x18\x05 \x01(\x0b\x32\x11.raylane.v1.Usage\x12\x0f\n\x07ttft_ms\x18\x06 \x01(\x01\"6\n\x12\x43ountTokensRequest\x12\x12\n\ndeployment\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\")\n\x13\x43ountTokensResponse\x12\x12\n\nnum_tokens\x18\x01 \x01(\r2\xe2\x01\n\x06Router\x12\x41\n\x08Generate\x12\x1b.raylane.v1.GenerateRequest\x1a\x16.raylane.v1.TokenChunk0\x01\x12\x45\n\x08\x43omplete\x12\x1b.raylane.v1.GenerateRequest\x1a\x1c.raylane.v1.CompleteResponse\x12N\n\x0b\x43ountTokens\x12\x1e.raylane.v1.CountTokensRequest\x1a\x1f.raylane.v1.CountTokensResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,17 +34,17 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SAMPLINGOPTIONS']._serialized_start=47
   _globals['_SAMPLINGOPTIONS']._serialized_end=221
   _globals['_GENERATEREQUEST']._serialized_start=224
-  _globals['_GENERATEREQUEST']._serialized_end=405
-  _globals['_USAGE']._serialized_start=407
-  _globals['_USAGE']._serialized_end=494
-  _globals['_TOKENCHUNK']._serialized_start=497
-  _globals['_TOKENCHUNK']._serialized_end=650
-  _globals['_COMPLETERESPONSE']._serialized_start=653
-  _globals['_COMPLETERESPONSE']._serialized_end=798
-  _globals['_COUNTTOKENSREQUEST']._serialized_start=800
-  _globals['_COUNTTOKENSREQUEST']._serialized_end=854
-  _globals['_COUNTTOKENSRESPONSE']._serialized_start=856
-  _globals['_COUNTTOKENSRESPONSE']._serialized_end=897
-  _globals['_ROUTER']._serialized_start=900
-  _globals['_ROUTER']._serialized_end=1126
+  _globals['_GENERATEREQUEST']._serialized_end=419
+  _globals['_USAGE']._serialized_start=421
+  _globals['_USAGE']._serialized_end=508
+  _globals['_TOKENCHUNK']._serialized_start=511
+  _globals['_TOKENCHUNK']._serialized_end=664
+  _globals['_COMPLETERESPONSE']._serialized_start=667
+  _globals['_COMPLETERESPONSE']._serialized_end=812
+  _globals['_COUNTTOKENSREQUEST']._serialized_start=814
+  _globals['_COUNTTOKENSREQUEST']._serialized_end=868
+  _globals['_COUNTTOKENSRESPONSE']._serialized_start=870
+  _globals['_COUNTTOKENSRESPONSE']._serialized_end=911
+  _globals['_ROUTER']._serialized_start=914
+  _globals['_ROUTER']._serialized_end=1140
 # @@protoc_insertion_point(module_scope)

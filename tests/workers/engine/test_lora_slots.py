@@ -30,6 +30,7 @@ def test_slots_lru_and_fixed_memory(tiny_llama, tiny_loras, tmp_path):
     manager.activate([ids["a"]])  # "b" becomes least recently used
     slots = manager.activate([ids["c"]])
     assert slots == {ids["c"]: 1} and manager.num_evictions == 1
+    assert manager.resident_adapters() == ["a", "c"]  # least recently used first; "b" was evicted
     with pytest.raises(ValueError, match="slots"):
         manager.activate(ids.values())
     assert {name: t.lora_a.data_ptr() for name, t in targets.items()} == before

@@ -485,3 +485,46 @@ def test_max_loras_bounds_distinct_adapters_but_lets_others_pass():
         seen_together.add(frozenset(x.request.lora_id for x in out.scheduled if x.request.lora_id))
     assert all(len(loras) <= 1 for loras in seen_together)
     assert frozenset({2}) in seen_together  # "b" ran once the adapter-1 requests finished
+
+
+# ---- LAPS in time -------------------------------------------------------------------------------------------------
+
+
+def test_laps_starts_short_prompts_before_an_earlier_long_one():
+    import time
+
+    now = time.monotonic()
+    fcfs, laps = _sched(max_num_seqs=1), _sched(max_num_seqs=1, short_prompt_tokens=8, max_long_wait_s=60.0)
+    for s in (fcfs, laps):
+        s.add_request(_req("long", 40, arrival=now))
+        s.add_request(_req("short", 6, arrival=now + 0.001))
+    assert list(_chunks(fcfs.schedule())) == ["long"]
+    assert list(_chunks(laps.schedule())) == ["short"]
+
+
+def test_laps_never_starves_a_long_prompt_and_keeps_priorities():
+    import time
+
+    from workers.engine.waiting_order import waiting_order
+
+    now = time.monotonic()
+    long_old, short_new = _req("long", 40, arrival=now - 1.0), _req("short", 6, arrival=now)
+    urgent_long = _req("urgent", 40, priority=-1, arrival=now)
+    order = waiting_order([long_old, short_new], short_prompt_tokens=8, max_long_wait_s=0.5, now=now)
+    assert [r.request_id for r in order] == ["long", "short"]  # waited past max_long_wait_s
+    order = waiting_order([urgent_long, short_new], short_prompt_tokens=8, max_long_wait_s=60.0, now=now)
+    assert [r.request_id for r in order] == ["urgent", "short"]  # a better priority still wins
+    assert waiting_order([long_old, short_new], short_prompt_tokens=0, max_long_wait_s=0.5, now=now)[0] is long_old
+    with pytest.raises(ValueError, match="short_prompt_tokens"):
+        SchedulerConfig(block_size=4, num_blocks=8, max_num_batched_tokens=16, max_num_seqs=4, short_prompt_tokens=-1)
+
+
+def test_pending_prefill_tokens_count_what_is_left_to_prefill():
+    s = _sched(max_num_batched_tokens=16)
+    s.add_request(_req("a", 40))
+    s.add_request(_req("b", 6))
+    assert s.num_pending_prefill_tokens == 39 + 5  # the last prompt token is computed with the first decode
+    _step(s)  # a: 16 of 40 prompt tokens
+    assert s.num_pending_prefill_tokens == 24 - 1 + 5
+    _drain(s)
+    assert s.num_pending_prefill_tokens == 0
