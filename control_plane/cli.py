@@ -105,6 +105,15 @@ def generate(
 cli_cluster.register(app)
 
 
+def _register_sim() -> None:
+    from sim.cli import app as sim_app  # typer/rich only at import; the simulator loads when a command runs
+
+    app.add_typer(sim_app, name="sim")
+
+
+_register_sim()
+
+
 def main() -> None:
     app()
 
