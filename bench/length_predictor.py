@@ -58,7 +58,7 @@ def log(msg: str) -> None:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--trace", type=Path, default=DEFAULT_TRACE, help="Azure trace CSV (default: shared/traces)")
+    parser.add_argument("--trace", type=Path, default=DEFAULT_TRACE, help="Azure trace CSV (default: data/traces)")
     parser.add_argument(
         "--train-fraction", type=float, default=0.8, help="leading share of the trace used as warm-up (default 0.8)"
     )

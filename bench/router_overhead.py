@@ -22,11 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -35,13 +31,15 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a script
     sys.path.insert(0, str(REPO))
 
+from bench.overhead_cluster import DEPLOYMENT, latency_stats, machine_info, single_worker_cluster  # noqa: E402
+from bench.overhead_cluster import log as log_as  # noqa: E402
+
 TARGET_P50_MS = 5.0
-DEPLOYMENT = "bench"
-TENANT = "bench"
+NAME = "router_overhead"
 
 
 def log(msg: str) -> None:
-    print(f"[router_overhead] {msg}", file=sys.stderr, flush=True)
+    log_as(NAME, msg)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -59,37 +57,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.num_requests < 1 or args.warmup < 0 or not 1 <= args.prompt_len <= 256 or args.num_cpus < 2:
         parser.error("need --num-requests >= 1, --warmup >= 0, 1 <= --prompt-len <= 256 and --num-cpus >= 2")
     return args
-
-
-def latency_stats(samples_ms: list[float]) -> dict[str, float]:
-    from router.replay import percentile
-
-    return {
-        "p50": round(percentile(samples_ms, 50), 3),
-        "p99": round(percentile(samples_ms, 99), 3),
-        "mean": round(statistics.fmean(samples_ms), 3),
-        "min": round(min(samples_ms), 3),
-    }
-
-
-def machine_info() -> dict[str, Any]:
-    import ray
-    import torch
-
-    cpu_model = ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu_model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
-    except OSError:
-        pass
-    return {
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "cpu_model": cpu_model,
-        "num_cores": os.cpu_count(),
-        "ray": ray.__version__,
-        "torch": torch.__version__,
-    }
 
 
 class Paths:
@@ -138,27 +105,6 @@ class Paths:
         self.client.close()
 
 
-def wait_until_serving(admin: Any, paths_factory, timeout_s: float) -> Paths:
-    """Wait for a healthy worker, then until the router (which refreshes its table in the background) serves."""
-    from router.client import RaylaneError
-
-    deadline = time.monotonic() + timeout_s
-    while admin.status().num_healthy_workers < 1:
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"no healthy worker after {timeout_s:.0f}s; see `ray logs`")
-        time.sleep(0.2)
-    paths = paths_factory()
-    while True:
-        try:
-            paths.via_router()
-            return paths
-        except RaylaneError as exc:
-            if time.monotonic() > deadline:
-                paths.close()
-                raise TimeoutError(f"the router did not serve within {timeout_s:.0f}s: {exc}") from None
-            time.sleep(0.2)
-
-
 def measure(paths: Paths, num_requests: int, warmup: int) -> tuple[list[float], list[float]]:
     for _ in range(warmup):
         paths.via_router()
@@ -179,67 +125,16 @@ def measure(paths: Paths, num_requests: int, warmup: int) -> tuple[list[float], 
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    import ray
-
-    from control_plane.admin_client import AdminClient
-    from control_plane.cluster import start_control_plane, stop_control_plane
-    from control_plane.config import ControlPlaneConfig
-    from control_plane.pools import actor_name
-    from control_plane.spec import DeploymentSpec, EngineOptions, PoolSpec, Quota, TenantSpec
-    from router.server import NAMESPACE
-    from workers.engine.tiny import make_tiny_model
-
-    with tempfile.TemporaryDirectory(prefix="raylane-router-overhead-") as tmp:
-        work = Path(tmp)
-        log("making a tiny Llama")
-        model = work / "tiny-llama"
-        make_tiny_model("llama", model, seed=0, dtype="float32")
-        prompt = [3 + (7 * i) % 500 for i in range(args.prompt_len)]
-        # address="local": always a fresh cluster, never one another process on this machine started.
-        ray.init(
-            address="local",
-            num_cpus=args.num_cpus,
-            include_dashboard=False,
-            namespace=NAMESPACE,
-            log_to_driver=False,
-        )
+    prompt = [3 + (7 * i) % 500 for i in range(args.prompt_len)]
+    with single_worker_cluster(num_cpus=args.num_cpus, ready_timeout_s=args.ready_timeout_s, name=NAME) as cluster:
+        paths = Paths(cluster.router_address, cluster.api_key, cluster.worker, prompt)
         try:
-            log("starting the control plane and its router")
-            config = ControlPlaneConfig(state_dir=str(work / "state"), admin_port=0, router_port=0)
-            control_plane, info = start_control_plane(config, detached=False)  # alive while we hold the handle
-            with AdminClient(info.admin_address) as admin:
-                admin.create_tenant(
-                    TenantSpec(name=TENANT, quota=Quota(max_concurrent=64, tokens_per_minute=100_000_000))
-                )
-                _, api_key = admin.issue_key(TENANT)
-                engine = EngineOptions(kv_cache_bytes=16 << 20, enable_prefix_caching=True)
-                admin.apply_deployment(
-                    DeploymentSpec(
-                        name=DEPLOYMENT, model=str(model), pools=(PoolSpec(role="mixed", replicas=1),), engine=engine
-                    )
-                )
-                log("waiting for the worker and the router")
-                worker_ids = []
-
-                def make_paths() -> Paths:
-                    pools = admin.list_pools(DEPLOYMENT)
-                    worker_ids.extend(w.worker_id for p in pools for w in p.workers)
-                    worker = ray.get_actor(actor_name(worker_ids[0]), namespace=NAMESPACE)
-                    return Paths(info.router_addresses[0], api_key, worker, prompt)
-
-                paths = wait_until_serving(admin, make_paths, args.ready_timeout_s)
-                try:
-                    log(f"measuring {args.num_requests} requests per path after {args.warmup} warm-up each")
-                    router_ms, direct_ms = measure(paths, args.num_requests, args.warmup)
-                    cached_tokens = dict(paths.cached_tokens)
-                finally:
-                    paths.close()
-            log("shutting down")
-            stop_control_plane()
-            del control_plane
+            log(f"measuring {args.num_requests} requests per path after {args.warmup} warm-up each")
+            router_ms, direct_ms = measure(paths, args.num_requests, args.warmup)
+            cached_tokens = dict(paths.cached_tokens)
         finally:
-            ray.shutdown()
-    return summarize(args, router_ms, direct_ms, worker_ids[0], cached_tokens)
+            paths.close()
+    return summarize(args, router_ms, direct_ms, cluster.worker_id, cached_tokens)
 
 
 def summarize(

@@ -120,7 +120,7 @@ class Bench:
         """Start the control plane and the workers; `init_ray=False` reuses a Ray the caller started."""
         import ray
 
-        from control_plane.admin_client import AdminClient
+        from control_plane.admin_client import admin_client_for
         from control_plane.cluster import start_control_plane
         from control_plane.config import ControlPlaneConfig
         from control_plane.spec import Quota, TenantSpec
@@ -140,7 +140,7 @@ class Bench:
             state_dir=str(self.workdir / "state"), admin_port=0, router_port=0, num_routers=0, reconcile_interval_s=0.5
         )
         self.control_plane, info = start_control_plane(config, detached=False)
-        self.admin = AdminClient(info.admin_address)
+        self.admin = admin_client_for(config, info.admin_address)
         self.admin.create_tenant(TenantSpec(name=TENANT, quota=Quota(max_concurrent=10_000, tokens_per_minute=10**9)))
         _, self.api_key = self.admin.issue_key(TENANT)
         self.model = model

@@ -13,8 +13,10 @@ from collections.abc import Callable
 from typing import Any
 
 import grpc
+import redis
 
 from control_plane import convert
+from control_plane.admin_auth import redact_url
 from control_plane.controller import Controller, PoolInfo
 from control_plane.spec import SpecError
 from control_plane.state import AlreadyExistsError, ConflictError, NotFoundError, StateError
@@ -31,6 +33,15 @@ _STATUS: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
     (StateError, grpc.StatusCode.INVALID_ARGUMENT),
     (ValueError, grpc.StatusCode.INVALID_ARGUMENT),
 )
+STATE_DOWN_RETRY_MS = 1000
+"""Retry hint sent while the state store is unreachable (the control plane restarts an embedded one within ~1 s)."""
+
+
+async def _abort_state_unavailable(context: grpc.aio.ServicerContext, method: str, exc: Exception) -> None:
+    # Redis down is an outage the supervisor heals, not a bug: say so, and when to try again.
+    logger.warning("admin call refused method=%s status=UNAVAILABLE reason=state store unreachable: %r", method, exc)
+    context.set_trailing_metadata((("retry-after-ms", str(STATE_DOWN_RETRY_MS)),))
+    await context.abort(grpc.StatusCode.UNAVAILABLE, f"{method}: the state store is unreachable; retry shortly")
 
 
 def _handled(method: Callable) -> Callable:
@@ -40,6 +51,8 @@ def _handled(method: Callable) -> Callable:
     async def wrapper(self: AdminServicer, request: Any, context: grpc.aio.ServicerContext) -> Any:
         try:
             return await asyncio.to_thread(method, self, request)
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            await _abort_state_unavailable(context, method.__name__, exc)
         except Exception as exc:
             code = next((c for cls, c in _STATUS if isinstance(exc, cls)), None)
             if code is None:
@@ -168,7 +181,7 @@ class AdminServicer(control_pb2_grpc.ControlPlaneServicer):
         return control_pb2.ClusterStatusResponse(
             router_addresses=routers,
             admin_address=admin,
-            state_url=state_url,
+            state_url=redact_url(state_url),
             num_deployments=len(self.store.list_deployments()),
             num_tenants=len(self.store.list_tenants()),
             num_workers=len(workers),

@@ -3,30 +3,58 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
 
 from control_plane import convert
+from control_plane.admin_auth import ADMIN_TOKEN_FILE, admin_token_for, read_admin_token
+from control_plane.config import ControlPlaneConfig, admin_token_from_env, tls_ca_file_from_env
 from control_plane.spec import AdapterSpec, DeploymentSpec, TenantSpec
 from protos.raylane.v1 import control_pb2, control_pb2_grpc
-from router.client import translate_error
+from router.client import open_channel, translate_error
 
 T = TypeVar("T")
+
+
+def connect_admin(address: str, state_dir: Path, *, timeout_s: float = 30.0) -> AdminClient:
+    """An admin client the CLI's way: the token from `RAYLANE_ADMIN_TOKEN`, else `<state_dir>/admin-token`; TLS
+    when `RAYLANE_TLS_CA_FILE` names the CA to trust."""
+    token = admin_token_from_env()
+    if token is None:
+        path = state_dir.expanduser() / ADMIN_TOKEN_FILE
+        if not path.is_file():
+            raise ValueError(f"no admin token: {path} does not exist here; set RAYLANE_ADMIN_TOKEN")
+        token = read_admin_token(path)
+    return AdminClient(address, admin_token=token, timeout_s=timeout_s, tls_ca_file=tls_ca_file_from_env())
+
+
+def admin_client_for(config: ControlPlaneConfig, address: str, *, timeout_s: float = 30.0) -> AdminClient:
+    """A client of the control plane this process started with `config` (on this node, sharing its state dir)."""
+    tls_ca_file = tls_ca_file_from_env() or config.tls_cert_file
+    return AdminClient(address, admin_token=admin_token_for(config), timeout_s=timeout_s, tls_ca_file=tls_ca_file)
 
 
 class AdminClient:
     """Typed calls to `raylane.v1.ControlPlane`; failures raise `router.client.RaylaneError` subclasses."""
 
-    def __init__(self, address: str, *, timeout_s: float = 30.0) -> None:
+    def __init__(
+        self, address: str, *, admin_token: str, timeout_s: float = 30.0, tls_ca_file: str | None = None
+    ) -> None:
+        if not admin_token:
+            raise ValueError(
+                "an admin token is required (`<state_dir>/admin-token`, --admin-token or RAYLANE_ADMIN_TOKEN)"
+            )
         self.address = address
-        self._channel = grpc.insecure_channel(address)
+        self._channel = open_channel(address, tls_ca_file)
         self._stub = control_pb2_grpc.ControlPlaneStub(self._channel)
+        self._metadata = (("authorization", f"Bearer {admin_token}"),)
         self.timeout_s = timeout_s
 
     def _call(self, rpc: Callable[..., T], request: Any) -> T:
         try:
-            return rpc(request, timeout=self.timeout_s)
+            return rpc(request, metadata=self._metadata, timeout=self.timeout_s)
         except grpc.RpcError as exc:
             raise translate_error(exc) from None
 

@@ -20,7 +20,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from control_plane.cluster import ClusterFile, ClusterNotRunningError
-from control_plane.config import DEFAULT_STATE_DIR, ControlPlaneConfig
+from control_plane.config import DEFAULT_STATE_DIR, ControlPlaneConfig, tls_ca_file_from_env
 from router.client import RaylaneError
 
 console = Console(stderr=True)
@@ -46,9 +46,13 @@ def _cluster(state_dir: Path) -> ClusterFile:
 
 
 def _admin(state_dir: Path):
-    from control_plane.admin_client import AdminClient
+    from control_plane.admin_client import connect_admin
 
-    return AdminClient(_cluster(state_dir).admin_address)
+    address = _cluster(state_dir).admin_address
+    try:
+        return connect_admin(address, state_dir)
+    except (ValueError, OSError) as exc:
+        raise _fail(exc) from None
 
 
 def _fail(exc: Exception) -> typer.Exit:
@@ -58,7 +62,11 @@ def _fail(exc: Exception) -> typer.Exit:
 
 def up(
     address: Annotated[
-        str, typer.Option(help="`local` starts (or reuses) a Ray head here; `auto` joins this node's; or host:port.")
+        str,
+        typer.Option(
+            help="`local` starts a Ray head of its own here (reused by `up` on the same state dir); "
+            "`auto` joins this node's running cluster; or host:port."
+        ),
     ] = "local",
     config: Annotated[Path | None, typer.Option(help="Cluster YAML (ControlPlaneConfig fields).")] = None,
     state_dir: StateDir = Path(DEFAULT_STATE_DIR),
@@ -77,41 +85,60 @@ def up(
     routers: Annotated[
         bool, typer.Option("--routers/--no-routers", help="Start routers as Ray actors (off: `raylane router serve`).")
     ] = True,
+    tls_cert: Annotated[Path | None, typer.Option(help="PEM certificate: admin and router ports speak TLS.")] = None,
+    tls_key: Annotated[Path | None, typer.Option(help="PEM private key of --tls-cert.")] = None,
 ) -> None:
     """Start a cluster: Ray, the control plane (with its state store) and the routers. Idempotent."""
     import ray
 
-    from control_plane.admin_client import AdminClient
-    from control_plane.cluster import connect_ray, start_control_plane
+    from control_plane.admin_client import admin_client_for
+    from control_plane.cluster import connect_for_up, start_control_plane
+    from control_plane.redis_server import DATA_SUBDIR, registered_pid
 
     try:
-        overrides = {} if routers else {"num_routers": 0}
+        overrides: dict = {} if routers else {"num_routers": 0}
+        if tls_cert is not None or tls_key is not None:
+            overrides.update(tls_cert_file=str(tls_cert or ""), tls_key_file=str(tls_key or ""))
         cfg = ControlPlaneConfig.load(config, state_dir=str(state_dir), redis_url=redis_url, **overrides)
         bootstrap_key = bootstrap_key_file.read_text().strip() if bootstrap_key_file is not None else None
         specs = _read_deployments(deployments_dir) if deployments_dir is not None else []
     except (ValueError, OSError) as exc:
         raise _fail(exc) from None
     with console.status("starting Ray and the control plane"):
-        started_ray = connect_ray(address, num_cpus=num_cpus, wait_s=wait_for_ray)
+        ray_address, head = connect_for_up(address, cfg.state_path, num_cpus=num_cpus, wait_s=wait_for_ray)
+        # Recorded before anything else starts, so `down` can stop what a failing `up` left behind.
+        cluster = ClusterFile(
+            admin_address="",
+            router_addresses=[],
+            state_url="",
+            ray_address=ray_address,
+            started_ray=head is not None,
+            ray_temp_dir=head.temp_dir if head is not None else "",
+        )
+        cluster.save(cfg.state_path)
         handle, info = start_control_plane(cfg, detached=True)
         ray.get(handle.bootstrap_tenant.remote(bootstrap_tenant, bootstrap_key))
-    with AdminClient(info.admin_address) as admin:
+    # The control plane runs on this node, so its token is the one this config names or the state dir holds.
+    with admin_client_for(cfg, info.admin_address) as admin:
         # Without an operator key, mint one for this machine's cluster file so `raylane generate` just works.
         api_key = "" if bootstrap_key is not None else admin.issue_key(bootstrap_tenant)[1]
         for spec in specs:
             version = admin.apply_deployment(spec)
             console.print(f"applied {spec.name} v{version}")
-    cluster = ClusterFile(
+    cluster = dataclasses.replace(
+        cluster,
         admin_address=info.admin_address,
         router_addresses=list(info.router_addresses),
+        router_http_addresses=list(info.router_http_addresses),
         state_url=info.state_url,
-        ray_address="auto" if address == "local" else address,
-        started_ray=started_ray,
         api_key=api_key,
+        redis_pid=0 if cfg.redis_url else registered_pid(cfg.state_path / DATA_SUBDIR),
     )
     path = cluster.save(cfg.state_path)
     routers_text = ", ".join(info.router_addresses) or "none (run `raylane router serve`)"
     console.print(f"[green]cluster up[/green] admin={info.admin_address} routers={routers_text}")
+    if info.router_http_addresses:
+        console.print(f"OpenAI-compatible HTTP: {', '.join(f'http://{a}/v1' for a in info.router_http_addresses)}")
     console.print(f"state: {info.state_url}  cluster file: {path}")
 
 
@@ -145,10 +172,11 @@ def _router_address(cluster: ClusterFile, override: str | None) -> str:
 
 
 def down(state_dir: StateDir = Path(DEFAULT_STATE_DIR)) -> None:
-    """Stop the control plane, its routers and workers (desired state stays in Redis), and a Ray head `up` started."""
+    """Stop what `up` started, and only that: the control plane, its routers, workers and embedded Redis (desired
+    state stays in its AOF), and the Ray head if `up` started one (other Ray clusters on the host keep running)."""
     import ray
 
-    from control_plane.cluster import NAMESPACE, stop_control_plane, stop_ray_head
+    from control_plane.cluster import NAMESPACE, stop_control_plane, stop_started
 
     cluster = _cluster(state_dir)
     was_connected = ray.is_initialized()
@@ -162,8 +190,7 @@ def down(state_dir: StateDir = Path(DEFAULT_STATE_DIR)) -> None:
         except (ConnectionError, RuntimeError) as exc:
             console.print(f"[yellow]Ray was not reachable ({exc}); cleaning up the cluster file[/yellow]")
             stopped = False
-        if cluster.started_ray:
-            stop_ray_head()
+        stop_started(cluster, state_dir.expanduser())
     (state_dir.expanduser() / "cluster.json").unlink(missing_ok=True)
     console.print("[green]cluster down[/green]" + ("" if stopped else " (no control plane was running)"))
 
@@ -202,6 +229,10 @@ def status(state_dir: StateDir = Path(DEFAULT_STATE_DIR)) -> None:
         f"{response.num_healthy_workers}/{response.num_workers} healthy  reconcile loops {r.num_loops} "
         f"(last {r.last_loop_ms:.0f} ms, errors {r.num_errors}, replaced {r.num_workers_replaced})"
     )
+    cluster = _cluster(state_dir)
+    if cluster.router_addresses:  # routers run by `raylane router serve` print their own addresses
+        http = ", ".join(f"http://{a}/v1" for a in cluster.router_http_addresses) or "off"
+        out.print(f"OpenAI-compatible HTTP: {http}")
 
 
 def deploy(
@@ -319,7 +350,7 @@ def generate(
     cluster = _cluster(state_dir)
     key = _api_key(cluster, api_key)
     kwargs = {"adapter": adapter, "max_tokens": max_tokens, "temperature": temperature, "seed": seed}
-    with Client(_router_address(cluster, router), key, timeout_s=120) as client:
+    with Client(_router_address(cluster, router), key, timeout_s=120, tls_ca_file=tls_ca_file_from_env()) as client:
         try:
             if stream:
                 for chunk in client.generate(deployment, prompt, **kwargs):
@@ -442,6 +473,9 @@ def demo(
     ),
     duration: Annotated[float, typer.Option(help="Seconds of the Azure trace to replay.")] = 60.0,
     rate_scale: Annotated[float, typer.Option(help="Multiplier on the trace's arrival rate.")] = 2.0,
+    trace: Annotated[
+        Path | None, typer.Option(help="Azure-format trace CSV (default: the repository's data/traces/ copy).")
+    ] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log every decision.")] = False,
 ) -> None:
     """Bring up a local two-tenant cluster (P/D + mixed, LoRA), replay a real trace through it, report, tear down."""
@@ -449,7 +483,9 @@ def demo(
 
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, stream=sys.stderr)
     try:
-        config = DemoConfig(workdir=workdir, report=report, duration_s=duration, rate_scale=rate_scale)
+        # Only an explicit --trace overrides the field's default (the repository's copy).
+        chosen = {"trace": trace} if trace is not None else {}
+        config = DemoConfig(workdir=workdir, report=report, duration_s=duration, rate_scale=rate_scale, **chosen)
     except ValueError as exc:
         raise _fail(exc) from None
     summary = run_demo(config)

@@ -16,9 +16,13 @@ _SLACK_S = 30.0
 
 
 def _admin(state_dir: Path, timeout_s: float):
-    from control_plane.admin_client import AdminClient
+    from control_plane.admin_client import connect_admin
 
-    return AdminClient(_cluster(state_dir).admin_address, timeout_s=timeout_s)
+    address = _cluster(state_dir).admin_address
+    try:
+        return connect_admin(address, state_dir, timeout_s=timeout_s)
+    except (ValueError, OSError) as exc:
+        raise _fail(exc) from None
 
 
 def _describe(result) -> str:

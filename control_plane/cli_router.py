@@ -20,6 +20,9 @@ def serve(
     address: Annotated[str, typer.Option(help="Ray address to join: `auto` (this node's) or host:port.")] = "auto",
     host: Annotated[str, typer.Option(help="Interface to bind; 0.0.0.0 in a pod.")] = "0.0.0.0",
     port: Annotated[int, typer.Option(help="gRPC port (the CLI's and the chart's default is 50051).")] = 50051,
+    http_port: Annotated[
+        int, typer.Option(help="OpenAI-compatible HTTP port (/v1/completions, /v1/chat/completions); 0 turns it off.")
+    ] = 8000,
     wait_for_ray: Annotated[float, typer.Option(help="Seconds to wait for Ray and the control plane.")] = 0,
     grace: Annotated[float, typer.Option(help="Seconds in-flight requests get to finish on SIGTERM.")] = 10.0,
     policy: Annotated[str, typer.Option(help="Routing policy (router/registry.py); `raylane` is the full one.")] = (
@@ -29,6 +32,8 @@ def serve(
         bool, typer.Option("--admission/--no-admission", help="Queue requests whose KV forecast would overflow.")
     ] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log every routing decision.")] = False,
+    tls_cert: Annotated[str | None, typer.Option(help="PEM certificate: the gRPC and HTTP ports speak TLS.")] = None,
+    tls_key: Annotated[str | None, typer.Option(help="PEM private key of --tls-cert.")] = None,
 ) -> None:
     """Serve the Router gRPC API from this process until SIGTERM/SIGINT, fed by the cluster's control plane.
 
@@ -40,7 +45,15 @@ def serve(
 
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, stream=sys.stderr)
     try:
-        config = RouterConfig(host=host, port=port, policy=policy, admission=admission)
+        config = RouterConfig(
+            host=host,
+            port=port,
+            http_port=http_port,
+            policy=policy,
+            admission=admission,
+            tls_cert_file=tls_cert,
+            tls_key_file=tls_key,
+        )
         connect_ray(address, wait_s=wait_for_ray)
         control_plane = wait_for_control_plane(wait_for_ray)
     except (ValueError, ConnectionError, ClusterNotRunningError) as exc:
@@ -55,7 +68,8 @@ async def _serve(replica, grace_s: float) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     address = await replica.start()
-    console.print(f"[green]router serving[/green] {address}")
+    http = f"http://{replica.http_address}/v1" if replica.http_address else "off"
+    console.print(f"[green]router serving[/green] {address} (OpenAI-compatible HTTP: {http})")
     await stop.wait()
     console.print("stopping: letting in-flight requests finish")
     await replica.stop(grace_s=grace_s)

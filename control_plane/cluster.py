@@ -9,18 +9,21 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
-import subprocess
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import ray
+from ray._common.utils import hex_to_binary
+from ray._raylet import PlacementGroupID
+from ray.util.placement_group import PlacementGroup, placement_group_table, remove_placement_group
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from control_plane.config import ControlPlaneConfig
 from control_plane.control_plane import ClusterInfo, ControlPlane
+from control_plane.ray_head import RayHead, head_processes, start_ray_head, stop_ray_head
+from control_plane.redis_server import stop_orphan
 from router.server import CONTROL_PLANE_ACTOR, NAMESPACE
 
 logger = logging.getLogger(__name__)
@@ -41,11 +44,17 @@ class ClusterFile:
     router_addresses: list[str]
     state_url: str
     ray_address: str
-    """`auto` for a local head this CLI started, else the address given to `up`."""
+    """The GCS address of the head `up` started, else the address given to `up`."""
     started_ray: bool
-    """Whether `up` started the Ray head (then `down` stops it)."""
+    """Whether `up` started the Ray head (then `down` stops it, and only it)."""
     api_key: str = ""
     """A key of the `default` tenant, so `raylane generate` works out of the box (file mode 0600)."""
+    router_http_addresses: list[str] = field(default_factory=list)
+    """The routers' OpenAI-compatible HTTP fronts (`host:port`); empty when they are off."""
+    ray_temp_dir: str = ""
+    """Temp dir of the Ray head `up` started: `down` finds that head's processes by it. Empty: `up` joined one."""
+    redis_pid: int = 0
+    """The embedded redis-server `up` started (0: an external Redis); `down` makes sure none is left running."""
 
     def save(self, state_dir: Path) -> Path:
         state_dir.mkdir(parents=True, exist_ok=True)
@@ -62,38 +71,60 @@ class ClusterFile:
         return cls(**json.loads(path.read_text()))
 
 
-def connect_ray(address: str, *, num_cpus: int | None = None, wait_s: float = 0.0) -> bool:
-    """Connect this process to Ray; for `local`, start a head first if none runs. True if we started it.
+def connect_ray(address: str, *, num_cpus: int | None = None, wait_s: float = 0.0) -> RayHead | None:
+    """Connect this process to Ray: `local` starts a head of its own (returned: the caller owns it); `auto`
+    joins this node's running cluster; anything else is a cluster address to join.
 
     With `wait_s`, keep retrying a non-local address that far: in a pod, Ray may still be starting.
     """
     if ray.is_initialized():
-        return False
+        return None
     if address != LOCAL:
         deadline = time.monotonic() + wait_s
         while True:
             try:
                 ray.init(address=address, namespace=NAMESPACE, log_to_driver=False)
-                return False
+                return None
             except (ConnectionError, RuntimeError):
                 if time.monotonic() >= deadline:
                     raise
                 logger.info("waiting for Ray at %s", address)
                 time.sleep(2.0)
-    try:
-        ray.init(address="auto", namespace=NAMESPACE, log_to_driver=False)
-        return False
-    except (ConnectionError, RuntimeError):
-        pass
-    ray_bin = shutil.which("ray")
-    if ray_bin is None:
-        raise RuntimeError("the `ray` command is not on PATH; reinstall raylane (pip install -e .)")
+    # Never `ray.init("auto")` here: on a shared host that finds someone else's cluster.
     # Logical CPUs: tiny CPU workers oversubscribe a laptop's cores on purpose.
-    cpus = num_cpus or max(8, os.cpu_count() or 1)
-    cmd = [ray_bin, "start", "--head", f"--num-cpus={cpus}", "--include-dashboard=false", "--disable-usage-stats"]
-    subprocess.run(cmd, check=True, capture_output=True, text=True)
-    ray.init(address="auto", namespace=NAMESPACE, log_to_driver=False)
-    return True
+    head = start_ray_head(num_cpus or max(8, os.cpu_count() or 1))
+    try:
+        ray.init(address=head.address, namespace=NAMESPACE, log_to_driver=False)
+    except Exception:
+        stop_ray_head(head.temp_dir)
+        raise
+    return head
+
+
+def connect_for_up(
+    address: str, state_dir: Path, *, num_cpus: int | None = None, wait_s: float = 0.0
+) -> tuple[str, RayHead | None]:
+    """Connect `raylane up` to Ray: the address to record, and the head `up` owns (None when it joined one).
+
+    `local` reuses the head a previous `up` on this state directory started, while it runs (`up` is idempotent).
+    """
+    if address == LOCAL and not ray.is_initialized():
+        try:
+            previous = ClusterFile.load(state_dir)
+        except ClusterNotRunningError:
+            previous = None
+        if previous is not None and previous.started_ray and _head_runs(previous.ray_temp_dir):
+            connect_ray(previous.ray_address)
+            return previous.ray_address, RayHead(address=previous.ray_address, temp_dir=previous.ray_temp_dir)
+    head = connect_ray(address, num_cpus=num_cpus, wait_s=wait_s)
+    return (head.address if head is not None else address), head
+
+
+def _head_runs(temp_dir: str) -> bool:
+    try:
+        return bool(temp_dir) and bool(head_processes(temp_dir))
+    except ValueError:  # not a head `up` made (a hand-edited cluster file)
+        return False
 
 
 def start_control_plane(config: ControlPlaneConfig, *, detached: bool = True) -> tuple[Any, ClusterInfo]:
@@ -130,19 +161,42 @@ def wait_for_control_plane(wait_s: float) -> Any:
 
 
 def stop_control_plane(timeout_s: float = 60.0) -> bool:
-    """Shut the control plane down (it stops its routers and workers). False if none was running."""
+    """Shut the control plane down (it stops its routers, workers and embedded Redis), then kill any raylane
+    actor or placement group still left (e.g. the control plane could not shut down). False if none was running.
+    """
     try:
         handle = ray.get_actor(CONTROL_PLANE_ACTOR, namespace=NAMESPACE)
     except ValueError:
-        return False
+        handle = None
     try:
-        ray.get(handle.shutdown.remote(), timeout=timeout_s)
+        if handle is not None:
+            ray.get(handle.shutdown.remote(), timeout=timeout_s)
     finally:
-        ray.kill(handle)
-    return True
+        if handle is not None:
+            ray.kill(handle, no_restart=True)
+        _kill_data_plane()
+    return handle is not None
 
 
-def stop_ray_head() -> None:
-    ray_bin = shutil.which("ray")
-    if ray_bin is not None:
-        subprocess.run([ray_bin, "stop", "--force"], check=False, capture_output=True)
+def _kill_data_plane() -> None:
+    # Routers and workers are detached: nothing else stops them once their control plane is gone.
+    for entry in ray.util.list_named_actors(all_namespaces=True):
+        if entry["namespace"] == NAMESPACE and entry["name"].startswith(("raylane:router:", "raylane:worker:")):
+            try:
+                ray.kill(ray.get_actor(entry["name"], namespace=NAMESPACE), no_restart=True)
+                logger.warning("killed a leftover actor name=%s", entry["name"])
+            except ValueError:
+                pass  # it exited meanwhile
+    for group_id, group in placement_group_table().items():
+        if group.get("name", "").startswith("raylane:pool:") and group.get("state") != "REMOVED":
+            remove_placement_group(PlacementGroup(PlacementGroupID(hex_to_binary(group_id))))
+            logger.warning("removed a leftover placement group name=%s", group["name"])
+
+
+def stop_started(cluster: ClusterFile, state_dir: Path) -> None:
+    """Stop what `up` started besides the actors: its Ray head (by its own processes, never `ray stop`,
+    which stops every Ray cluster on the host) and an embedded Redis still running from `state_dir`."""
+    if cluster.started_ray and cluster.ray_temp_dir:
+        stop_ray_head(cluster.ray_temp_dir)
+    if stop_orphan(state_dir):
+        logger.warning("an embedded redis outlived its control plane in %s; stopped it", state_dir)

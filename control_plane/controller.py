@@ -8,6 +8,7 @@ the other steps still run.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import logging
 import threading
@@ -17,7 +18,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import ray
+from prometheus_client import CollectorRegistry
 
+from control_plane.adoption import WorkerRegistry
+from control_plane.metrics import ControlPlaneMetrics, PoolSize
 from control_plane.migrations import MigrationTriggerConfig, MigrationTriggers, WorkerRef
 from control_plane.pools import PoolKey, PoolManager
 from control_plane.spec import DeploymentSpec, PoolSpec
@@ -27,7 +31,7 @@ from router.quota import QuotaLimits
 from router.server import RoutingState, WorkerEntry
 from router.table import DeploymentRoute, RoutingTable
 from workers.actors import WorkerConfig
-from workers.engine.config import EngineConfig
+from workers.engine.config import EngineConfig, ModelConfig
 from workers.messages import WorkerStats
 
 logger = logging.getLogger(__name__)
@@ -94,7 +98,9 @@ def routing_table(snapshot: StateSnapshot) -> RoutingTable:
     return RoutingTable(
         version=snapshot.version,
         deployments={
-            name: DeploymentRoute(name=name, is_disaggregated=spec.is_disaggregated)
+            name: DeploymentRoute(
+                name=name, is_disaggregated=spec.is_disaggregated, max_model_len=model_context(spec.model)
+            )
             for name, spec in snapshot.deployments.items()
         },
         tenants={
@@ -109,6 +115,16 @@ def routing_table(snapshot: StateSnapshot) -> RoutingTable:
         adapter_owners={key: adapter.tenant for key, adapter in snapshot.adapters.items()},
         groups=tier_groups(snapshot.deployments),
     )
+
+
+def model_context(model: str) -> int | None:
+    """The context the deployment's engines run with (`EngineConfig.max_model_len` unset: the model's own), read
+    from its `config.json`, so routers refuse over-long requests before charging quota; None where unreadable."""
+    try:
+        return ModelConfig.from_pretrained(model).max_position_embeddings
+    except (OSError, ValueError, KeyError) as exc:
+        logger.warning("model context unknown model=%s error=%s (workers check lengths alone)", model, exc)
+        return None
 
 
 def tier_groups(deployments: Mapping[str, DeploymentSpec]) -> dict[str, TierGroup]:
@@ -141,12 +157,15 @@ class Controller:
         make_pool: Callable[..., PoolManager] = PoolManager,
         rebalance_interval_s: float = 0.0,
         triggers: MigrationTriggerConfig | None = None,
+        metrics: ControlPlaneMetrics | None = None,
     ) -> None:
         """`rebalance_interval_s` > 0 runs the migration rebalancer at most that often (0: never)."""
         if rebalance_interval_s < 0:
             raise ValueError(f"rebalance_interval_s must be >= 0 (0 disables), got {rebalance_interval_s}")
         self.store = store
         self._make_pool = make_pool
+        # Pools record their workers here and adopt the ones a previous control plane left running.
+        self._registry = WorkerRegistry(store)
         # Reconcile passes and a drain's final stop both change pools; they take turns.
         self._lock = threading.RLock()
         self.triggers = MigrationTriggers(lambda: self.pools, stop_worker=self._stop_drained, config=triggers)
@@ -159,6 +178,8 @@ class Controller:
         self._deployment_adapters: dict[str, tuple[tuple[str, str], ...]] = {}
         self._routing_cache: tuple[int, RoutingTable, dict[str, str]] | None = None
         self.stats = ReconcileStats()
+        # A private registry by default: only the control plane process's one is served.
+        self.metrics = metrics or ControlPlaneMetrics(CollectorRegistry())
 
     # ---- the loop body ------------------------------------------------------------------------
 
@@ -168,6 +189,7 @@ class Controller:
         with self._lock:
             for name, step in (("pools", self._sync_pools), ("health", self._heal), ("adapters", self._sync_adapters)):
                 self._run_step(name, step)
+            self.metrics.set_pools(self._pool_sizes())
         # Outside the lock: a rebalance waits on migrations, and a drain's stop must not wait on it.
         if self.rebalance_interval_s and time.monotonic() - self._last_rebalance >= self.rebalance_interval_s:
             self._last_rebalance = time.monotonic()
@@ -177,13 +199,29 @@ class Controller:
 
     def _run_step(self, name: str, step: Callable[[], None]) -> None:
         step_start = time.perf_counter()
+        is_failed = False
         try:
             step()
         except Exception:
+            is_failed = True
             self.stats.num_errors += 1
             logger.exception("reconcile step failed step=%s", name)
         finally:
-            self.stats.step_ms[name] = (time.perf_counter() - step_start) * 1e3
+            duration_s = time.perf_counter() - step_start
+            self.stats.step_ms[name] = duration_s * 1e3
+            self.metrics.on_step(name, duration_s, is_failed=is_failed)
+
+    def _pool_sizes(self) -> list[PoolSize]:
+        """Desired against actual workers per pool (under the lock: the pools do not change meanwhile)."""
+        return [
+            PoolSize(
+                deployment=key.deployment,
+                role=key.role,
+                num_desired=self._desired_replicas.get(key, 0),
+                num_by_state=collections.Counter(pool.worker_states().values()),
+            )
+            for key, pool in self.pools.items()
+        ]
 
     def _sync_pools(self) -> None:
         desired = {
@@ -207,6 +245,7 @@ class Controller:
                     num_cpus=pool.num_cpus,
                     num_gpus=pool.num_gpus,
                     make_config=self._config_factory(spec, pool.role),
+                    registry=self._registry,
                 )
                 self._fingerprints[key] = fingerprint
                 logger.info("pool created deployment=%s role=%s replicas=%d", key.deployment, key.role, pool.replicas)

@@ -16,10 +16,11 @@ from pathlib import Path
 
 from rich.console import Console
 
-from control_plane.admin_client import AdminClient
+from control_plane.admin_client import AdminClient, admin_client_for
 from control_plane.config import ControlPlaneConfig
 from control_plane.spec import AdapterSpec, DeploymentSpec, EngineOptions, PoolSpec, Quota, TenantSpec
 from router.replay import ReplayTarget
+from router.trace import DEFAULT_TRACE
 
 logger = logging.getLogger(__name__)
 console = Console(stderr=True)
@@ -43,10 +44,18 @@ class DemoConfig:
     """Cap on output lengths."""
     num_cpus: int = 8
     """Logical CPUs of the in-process Ray cluster; the tiny workers oversubscribe real cores on purpose."""
+    trace: Path = DEFAULT_TRACE
+    """Azure-format trace CSV replayed; the default ships in the repository's data/traces/."""
 
     def __post_init__(self) -> None:
         if self.duration_s <= 0 or self.rate_scale <= 0:
             raise ValueError("duration_s and rate_scale must be positive")
+        # Checked before any model is built or cluster started: a missing trace would only surface minutes later.
+        if not Path(self.trace).is_file():
+            raise ValueError(
+                f"trace {self.trace} not found; pass --trace PATH (an Azure-format CSV); the Azure trace ships in the "
+                "repository's data/traces/, which a non-editable install does not carry"
+            )
         if not 1 <= self.max_prompt_len <= 448 or not 1 <= self.max_output_len <= 64:
             raise ValueError("max_prompt_len must be in [1, 448] and max_output_len in [1, 64] for the tiny models")
 
@@ -99,8 +108,7 @@ def run_demo(config: DemoConfig) -> dict:
     import ray
 
     from control_plane.cli_cluster import print_summary, run_replay
-    from control_plane.cluster import start_control_plane, stop_control_plane
-    from router.trace import DEFAULT_TRACE
+    from control_plane.cluster import start_control_plane
 
     workdir = config.workdir.expanduser().absolute()  # workers and the control plane run in other directories
     workdir.mkdir(parents=True, exist_ok=True)
@@ -111,18 +119,21 @@ def run_demo(config: DemoConfig) -> dict:
         address="local", num_cpus=config.num_cpus, include_dashboard=False, log_to_driver=False, namespace="raylane"
     )
     try:
-        cp_config = ControlPlaneConfig(state_dir=str(workdir / "state"), admin_port=0, router_port=0)
+        cp_config = ControlPlaneConfig(
+            state_dir=str(workdir / "state"), admin_port=0, router_port=0, router_http_port=-1
+        )
         with console.status("starting the control plane, its Redis and the router"):
-            control_plane, info = start_control_plane(cp_config, detached=False)
+            # Held until the end: a non-detached actor lives only while its handle does.
+            _control_plane, info = start_control_plane(cp_config, detached=False)
         console.print(f"control plane up: admin {info.admin_address}, router {info.router_addresses[0]}")
-        with AdminClient(info.admin_address) as admin:
+        with admin_client_for(cp_config, info.admin_address) as admin:
             targets = setup_tenants_and_deployments(admin, paths)
             with console.status("waiting for 3 workers (chat prefill + chat decode + moe mixed) to serve"):
                 wait_until_serving(admin, num_workers=3)
             summary, _ = run_replay(
                 info.router_addresses[0],
                 targets,
-                DEFAULT_TRACE,
+                config.trace,
                 rate_scale=config.rate_scale,
                 duration_s=config.duration_s,
                 max_prompt_len=config.max_prompt_len,
@@ -136,13 +147,33 @@ def run_demo(config: DemoConfig) -> dict:
                 f"workers healthy {status.num_healthy_workers}/{status.num_workers}, "
                 f"reconcile loops {status.reconcile.num_loops} (errors {status.reconcile.num_errors})"
             )
-        with console.status("shutting down"):
-            stop_control_plane()
-        del control_plane
     finally:
-        ray.shutdown()
+        # On a crash too: the embedded redis-server is a process of its own and would outlive the demo.
+        with console.status("shutting down"):
+            shut_down(workdir / "state")
     console.print("[green]demo finished[/green]; the trace is Azure LLM inference 2023 (CC-BY 4.0, Splitwise)")
     return summary
+
+
+def shut_down(state_dir: Path) -> None:
+    """Stop the control plane (its routers, workers and Redis), then Ray; and the Redis of `state_dir` if the
+    control plane never got to stop it. Never raises: it runs while another error may be on its way out."""
+    import ray
+
+    from control_plane.cluster import stop_control_plane
+    from control_plane.redis_server import stop_orphan
+
+    try:
+        if ray.is_initialized():
+            stop_control_plane()
+    except Exception:
+        logger.warning("the control plane did not shut down cleanly", exc_info=True)
+    finally:
+        ray.shutdown()
+        try:
+            stop_orphan(state_dir)
+        except OSError:
+            logger.warning("could not stop the embedded redis of %s", state_dir, exc_info=True)
 
 
 def setup_tenants_and_deployments(admin: AdminClient, paths: dict[str, Path]) -> list[ReplayTarget]:

@@ -1,6 +1,6 @@
 """Which running requests to migrate live, and where: pure functions over worker snapshots (no Ray, no I/O).
 
-Three reasons to move a request (see DESIGN.md "Live migration"):
+Three reasons to move a request (README, "Live migration and failover"):
 
 - `plan_rebalance`: even out the predicted remaining KV demand (blocks held now plus blocks the request
   will still grow into) between the most and the least loaded workers;

@@ -123,7 +123,8 @@ class MigrationTriggers:
         every = self.workers(roles=("prefill", *MIGRATABLE_ROLES))
         ref = every.get(worker_id)
         if ref is None:
-            raise NotFoundError(f"no healthy worker {worker_id!r}; healthy workers: {sorted(every)}")
+            # Never list the others: an error message is no inventory of the cluster.
+            raise NotFoundError(f"no healthy worker {worker_id!r}")
         if ref.key.role not in roles:
             raise ValueError(f"worker {worker_id} has role {ref.key.role!r}; this needs one of {roles}")
         return ref

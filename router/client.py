@@ -10,8 +10,10 @@ with Client("127.0.0.1:50051", api_key="rl-...") as client:
 
 from __future__ import annotations
 
+import math
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -31,6 +33,13 @@ class RaylaneError(Exception):
 
 class InvalidArgumentError(RaylaneError):
     """The request is malformed (bad sampling values, unknown deployment or adapter, oversized prompt)."""
+
+
+class RequestValidationError(InvalidArgumentError, ValueError):
+    """The SDK refused to send a request the router would refuse (e.g. a NaN temperature, max_tokens=-1)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(grpc.StatusCode.INVALID_ARGUMENT, message)
 
 
 class AuthenticationError(RaylaneError):
@@ -111,7 +120,14 @@ def build_request(
     tier: str = "",
 ) -> router_pb2.GenerateRequest:
     """A `GenerateRequest`; `prompt` is text, or token ids. `tier` pins `small`/`large` when `deployment` is a
-    tier group."""
+    tier group. Raises `RequestValidationError` for values the router would refuse, before anything is sent."""
+    _check_sampling(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+    for name, ids in (
+        ("prompt token ids", () if isinstance(prompt, str) else prompt),
+        ("stop_token_ids", stop_token_ids),
+    ):
+        if any(isinstance(t, bool) or not isinstance(t, int) or t < 0 for t in ids):
+            raise RequestValidationError(f"{name} must be integers >= 0")
     sampling = router_pb2.SamplingOptions(
         max_tokens=max_tokens,
         temperature=temperature,
@@ -136,6 +152,20 @@ def build_request(
     else:
         request.prompt_token_ids.extend(prompt)
     return request
+
+
+def _check_sampling(*, max_tokens: int, temperature: float, top_k: int, top_p: float, seed: int | None) -> None:
+    for name, value in (("max_tokens", max_tokens), ("top_k", top_k), ("seed", 0 if seed is None else seed)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise RequestValidationError(f"{name} must be an integer >= 0, got {value!r}")
+    for name, value in (("temperature", temperature), ("top_p", top_p)):
+        # NaN passes `>= 0`-style checks; the router refuses it, so the SDK refuses it first.
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+            raise RequestValidationError(f"{name} must be a finite number, got {value!r}")
+    if temperature < 0:
+        raise RequestValidationError(f"temperature must be >= 0, got {temperature}")
+    if not 0 <= top_p <= 1:
+        raise RequestValidationError(f"top_p must be in (0, 1] (0 means 1), got {top_p}")
 
 
 def _usage(u: router_pb2.Usage) -> Usage:
@@ -180,11 +210,32 @@ def translate_error(error: grpc.RpcError) -> RaylaneError:
     return _ERRORS.get(code, RaylaneError)(code, error.details() or "", retry)
 
 
+def channel_credentials(tls_ca_file: str) -> grpc.ChannelCredentials:
+    """TLS that trusts the CA (or self-signed certificate) in `tls_ca_file`."""
+    return grpc.ssl_channel_credentials(root_certificates=Path(tls_ca_file).expanduser().read_bytes())
+
+
+def open_channel(address: str, tls_ca_file: str | None = None) -> grpc.Channel:
+    """A blocking channel: TLS when `tls_ca_file` is given, else plaintext."""
+    if tls_ca_file:
+        return grpc.secure_channel(address, channel_credentials(tls_ca_file))
+    return grpc.insecure_channel(address)
+
+
+def open_aio_channel(address: str, tls_ca_file: str | None = None) -> grpc.aio.Channel:
+    """An asyncio channel: TLS when `tls_ca_file` is given, else plaintext."""
+    if tls_ca_file:
+        return grpc.aio.secure_channel(address, channel_credentials(tls_ca_file))
+    return grpc.aio.insecure_channel(address)
+
+
 class Client:
     """Blocking client. Thread-safe; share one per process."""
 
-    def __init__(self, address: str, api_key: str, *, timeout_s: float | None = None) -> None:
-        self._channel = grpc.insecure_channel(address)
+    def __init__(
+        self, address: str, api_key: str, *, timeout_s: float | None = None, tls_ca_file: str | None = None
+    ) -> None:
+        self._channel = open_channel(address, tls_ca_file)
         self._stub = router_pb2_grpc.RouterStub(self._channel)
         self._metadata = (("authorization", f"Bearer {api_key}"),)
         self.timeout_s = timeout_s
@@ -232,8 +283,10 @@ class Client:
 class AsyncClient:
     """asyncio client; create and use it on one event loop."""
 
-    def __init__(self, address: str, api_key: str, *, timeout_s: float | None = None) -> None:
-        self._channel = grpc.aio.insecure_channel(address)
+    def __init__(
+        self, address: str, api_key: str, *, timeout_s: float | None = None, tls_ca_file: str | None = None
+    ) -> None:
+        self._channel = open_aio_channel(address, tls_ca_file)
         self._stub = router_pb2_grpc.RouterStub(self._channel)
         self._metadata = (("authorization", f"Bearer {api_key}"),)
         self.timeout_s = timeout_s

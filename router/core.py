@@ -10,6 +10,7 @@ import asyncio
 import dataclasses
 import itertools
 import logging
+import math
 import time
 import uuid
 from collections import Counter
@@ -18,11 +19,14 @@ from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Protocol
 
+from prometheus_client import CollectorRegistry
+
 from router.admission import AdmissionController
 from router.complexity import TierSelector, TierSelectorConfig
 from router.dispatch import FailoverConfig, WorkerClient, run_placed
 from router.errors import (
     InvalidArgument,
+    NotFound,
     PermissionDenied,
     ResourceExhausted,
     RouterError,
@@ -31,9 +35,10 @@ from router.errors import (
 )
 from router.kv_forecast import KvLedger
 from router.length_predictor import LengthPredictor, prompt_features
+from router.metrics import RouterMetrics
 from router.policy import ClusterView, Decision, LeastLoadedPolicy, NoCapacityError, Policy, RouteRequest
 from router.quota import QuotaExceededError, QuotaTracker
-from router.table import RoutingTable
+from router.table import DeploymentRoute, RoutingTable
 from workers.engine.errors import InvalidRequestError
 from workers.engine.sampling_params import SamplingParams
 from workers.messages import GenerateCall, TokenChunk
@@ -45,6 +50,12 @@ FORCED_REFRESH_INTERVAL_S = 0.1
 
 MAX_PROMPT_CHARS = 1 << 20
 """Refuse absurd prompts before they cost a tokenizer pass (1 MiB of text)."""
+
+MAX_PROMPT_TOKENS = 1 << 18
+"""Longest `prompt_token_ids` accepted when the deployment's context is unknown (its context otherwise)."""
+
+TOKENIZE_INLINE_MAX_CHARS = 4096
+"""Text prompts longer than this are tokenized on a thread: a 1 MiB prompt holds the tokenizer ~1 s."""
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -69,6 +80,8 @@ class GenerateInput:
     priority: int = 0
     tier: str = ""
     """When `deployment` names a tier group: `small` or `large` pins the tier; empty lets complexity choose."""
+    logprobs: int | None = None
+    """Return the logprobs of each sampled token and of the top-n alternatives (`TokenChunk.logprobs`); None: off."""
 
 
 class Directory(Protocol):
@@ -99,8 +112,11 @@ class RouterCore:
         admission: AdmissionController | None = None,
         failover: FailoverConfig | None = None,
         tiers: TierSelectorConfig | None = None,
+        metrics: RouterMetrics | None = None,
     ):
         self.directory = directory
+        # A private registry by default: only the process's router (`RouterReplica`) records into the served one.
+        self.metrics = metrics or RouterMetrics(CollectorRegistry())
         self.failover = failover or FailoverConfig()
         self.policy = policy or LeastLoadedPolicy()
         self.quotas = quotas or QuotaTracker()
@@ -108,6 +124,8 @@ class RouterCore:
         # None places at once wherever the policy says, as before predictive admission existed.
         self.admission = admission
         self._inflight: Counter[str] = Counter()
+        self._request_ids: set[str] = set()
+        """Ids of the requests in flight on this router; a second request under one of them is refused."""
         # Always kept (cheap): it feeds `WorkerView.kv_ledger`, which length-aware scorers read.
         self.kv_ledger = KvLedger()
         self._ledger_keys = itertools.count()
@@ -131,19 +149,24 @@ class RouterCore:
         table = self.directory.table()
         if not inp.deployment:
             raise InvalidArgument("deployment is required")
+        _check_finite(inp)
         deployment = self._resolve_tier(table, inp)
         if deployment not in table.deployments:
-            known = sorted([*table.deployments, *table.groups])
-            raise InvalidArgument(f"unknown deployment {deployment!r}; known deployments and tier groups: {known}")
+            # Never list the deployments: they are other tenants' business.
+            raise NotFound(f"unknown deployment {deployment!r}")
         if bool(inp.prompt) == bool(inp.prompt_token_ids):
             raise InvalidArgument("give exactly one of prompt or prompt_token_ids (non-empty)")
         if len(inp.prompt) > MAX_PROMPT_CHARS:
             raise InvalidArgument(f"prompt is {len(inp.prompt)} characters; the limit is {MAX_PROMPT_CHARS}")
+        if len(inp.prompt_token_ids) > MAX_PROMPT_TOKENS:
+            raise InvalidArgument(
+                f"prompt_token_ids has {len(inp.prompt_token_ids)} ids; the limit is {MAX_PROMPT_TOKENS}"
+            )
         adapter = inp.adapter or None
         if adapter is not None:
             owner = table.adapter_owners.get((deployment, adapter))
             if owner is None:
-                raise InvalidArgument(f"unknown adapter {adapter!r} for deployment {deployment!r}")
+                raise NotFound(f"unknown adapter {adapter!r} for deployment {deployment!r}")
             if owner != tenant:
                 raise PermissionDenied(f"adapter {adapter!r} belongs to another tenant")
         try:
@@ -156,11 +179,13 @@ class RouterCore:
                 stop=inp.stop,
                 stop_token_ids=inp.stop_token_ids,
                 ignore_eos=inp.ignore_eos,
+                logprobs=inp.logprobs,
             )
         except InvalidRequestError as exc:
             raise InvalidArgument(str(exc)) from None
         request_id = f"{tenant}/{inp.request_id or uuid.uuid4().hex}"
         token_ids = tuple(inp.prompt_token_ids) or self._tokenize(deployment, inp.prompt)
+        _check_lengths(table.deployments[deployment], len(token_ids) if token_ids else None, sampling.max_tokens)
         call = GenerateCall(
             request_id=request_id,
             prompt=None if token_ids else inp.prompt,
@@ -185,9 +210,24 @@ class RouterCore:
         # The worker would tokenize anyway; doing it here lets prefix affinity hash the prompt, and is exact
         # because router and worker use the same tokenizer class on the same model folder.
         tokenize = getattr(self.directory, "tokenize", None)
-        if tokenize is None or not text:
-            return None
+        if tokenize is None or not text or len(text) > TOKENIZE_INLINE_MAX_CHARS:
+            return None  # a long text is left to `_tokenize_off_loop`
         return tokenize(deployment, text) or None
+
+    async def _tokenize_off_loop(self, call: GenerateCall, route: RouteRequest) -> tuple[GenerateCall, RouteRequest]:
+        """Tokenize a text prompt `prepare` left as text because it is long, on a thread, then check its length."""
+        tokenize = getattr(self.directory, "tokenize", None)
+        if call.prompt is None or tokenize is None or len(call.prompt) <= TOKENIZE_INLINE_MAX_CHARS:
+            return call, route
+        token_ids = tuple(await asyncio.to_thread(tokenize, route.deployment, call.prompt) or ())
+        if not token_ids:
+            return call, route
+        deployment = self.directory.table().deployments.get(route.deployment)
+        if deployment is not None:
+            _check_lengths(deployment, len(token_ids), route.max_tokens)
+        call = dataclasses.replace(call, prompt=None, prompt_token_ids=token_ids)
+        route = dataclasses.replace(route, prompt_token_ids=token_ids, num_prompt_tokens_estimate=len(token_ids))
+        return call, route
 
     def _resolve_tier(self, table: RoutingTable, inp: GenerateInput) -> str:
         """The deployment `inp` runs on: itself, or the tier its tier group's selector picks."""
@@ -207,74 +247,100 @@ class RouterCore:
 
     async def generate(self, api_key: str | None, inp: GenerateInput) -> AsyncIterator[TokenChunk]:
         """The whole request path; closing the iterator early (cancel, deadline) aborts on the worker."""
-        tenant, call, route = await self._admit_fresh(api_key, inp)
-        features = prompt_features(inp.prompt) if self.predictor is not None and inp.prompt else None
-        if self.predictor is not None:
-            prediction = self.predictor.predict(route, features)
-            route = dataclasses.replace(route, predicted_output_p50=prediction.p50, predicted_output_p90=prediction.p90)
-        limits = self.directory.table().tenants.get(tenant)
-        if limits is None:
-            raise Unauthenticated(f"tenant {tenant!r} no longer exists")
+        request = self.metrics.start_request()
         try:
-            reservation = self.quotas.acquire(tenant, limits, route.num_prompt_tokens_estimate + route.max_tokens)
-        except QuotaExceededError as exc:
-            raise ResourceExhausted(str(exc), retry_after_s=exc.retry_after_s) from None
-        used_tokens = route.num_prompt_tokens_estimate
-        # One key per attempt: clients may reuse a request id, the ledger must not mix two attempts.
-        ledger_key = f"{route.request_id}#{next(self._ledger_keys)}"
-        try:
-            decision = await self._place_admitted(route, ledger_key)
-            placed = [w for w in (decision.worker_id, decision.prefill_worker_id) if w]
-            self._inflight.update(placed)
-            num_output_tokens = 0
-
-            def replan(lost: frozenset[str]) -> tuple[Decision, Mapping[str, WorkerClient]]:
-                return self._replan(route, lost), self.directory.clients()
-
-            def on_placed(moved: Decision) -> None:
-                # Load accounting follows the request to its new worker (failover or migration).
-                nonlocal placed
-                self._inflight.subtract(placed)
-                placed = [w for w in (moved.worker_id, moved.prefill_worker_id) if w]
-                self._inflight.update(placed)
-                self.kv_ledger.finish(ledger_key)
-                self.kv_ledger.place(
-                    ledger_key,
-                    worker_id=moved.worker_id,
-                    num_prompt_tokens=route.num_prompt_tokens_estimate,
-                    max_tokens=route.max_tokens,
-                    predicted_output_p50=route.predicted_output_p50,
-                    predicted_output_p90=route.predicted_output_p90,
+            tenant, call, route = await self._admit_fresh(api_key, inp)
+            request.bind(route.deployment, tenant)
+            call, route = await self._tokenize_off_loop(call, route)
+            if route.request_id in self._request_ids:
+                # Two streams under one id would run twice on different workers and mix in every log and ledger.
+                raise InvalidArgument(
+                    f"request_id {inp.request_id!r} is already in flight; give each request its own id"
                 )
-                self.kv_ledger.record_tokens(ledger_key, num_output_tokens)
-
+            features = prompt_features(inp.prompt) if self.predictor is not None and inp.prompt else None
+            if self.predictor is not None:
+                prediction = self.predictor.predict(route, features)
+                route = dataclasses.replace(
+                    route, predicted_output_p50=prediction.p50, predicted_output_p90=prediction.p90
+                )
+            limits = self.directory.table().tenants.get(tenant)
+            if limits is None:
+                raise Unauthenticated(f"tenant {tenant!r} no longer exists")
             try:
-                stream = run_placed(
-                    decision,
-                    call,
-                    self.directory.clients(),
-                    replan=replan,
-                    failover=self.failover,
-                    on_placed=on_placed,
-                )
-                async with aclosing(stream):
-                    async for chunk in _translate_errors(stream):
-                        used_tokens += len(chunk.token_ids)
-                        num_output_tokens += len(chunk.token_ids)
-                        self.kv_ledger.record_tokens(
-                            ledger_key, len(chunk.token_ids), num_prompt_tokens=chunk.num_prompt_tokens
-                        )
-                        if chunk.finished:
-                            self._release_kv(ledger_key)  # before the client reads it: waiters go sooner
-                        if chunk.finished and chunk.finish_reason in ("stop", "length") and self.predictor:
-                            # Only complete generations teach the predictor; aborted lengths are unknown.
-                            self.predictor.observe(route, num_output_tokens, features)
-                        yield chunk
+                reservation = self.quotas.acquire(tenant, limits, route.num_prompt_tokens_estimate + route.max_tokens)
+            except QuotaExceededError as exc:
+                request.on_rejected("quota")
+                raise ResourceExhausted(str(exc), retry_after_s=exc.retry_after_s) from None
+            used_tokens = route.num_prompt_tokens_estimate
+            num_output_tokens = 0
+            # One key per attempt: clients may reuse a request id, the ledger must not mix two attempts.
+            ledger_key = f"{route.request_id}#{next(self._ledger_keys)}"
+            self._request_ids.add(route.request_id)
+            try:
+                decision = await self._place_admitted(route, ledger_key)
+                request.on_placed()
+                placed = [w for w in (decision.worker_id, decision.prefill_worker_id) if w]
+                self._inflight.update(placed)
+
+                def replan(lost: frozenset[str]) -> tuple[Decision, Mapping[str, WorkerClient]]:
+                    return self._replan(route, lost), self.directory.clients()
+
+                def on_placed(moved: Decision) -> None:
+                    # Load accounting follows the request to its new worker (failover or migration).
+                    nonlocal placed
+                    self._inflight.subtract(placed)
+                    placed = [w for w in (moved.worker_id, moved.prefill_worker_id) if w]
+                    self._inflight.update(placed)
+                    self.kv_ledger.finish(ledger_key)
+                    self.kv_ledger.place(
+                        ledger_key,
+                        worker_id=moved.worker_id,
+                        num_prompt_tokens=route.num_prompt_tokens_estimate,
+                        max_tokens=route.max_tokens,
+                        predicted_output_p50=route.predicted_output_p50,
+                        predicted_output_p90=route.predicted_output_p90,
+                    )
+                    self.kv_ledger.record_tokens(ledger_key, num_output_tokens)
+
+                try:
+                    stream = run_placed(
+                        decision,
+                        call,
+                        self.directory.clients(),
+                        replan=replan,
+                        failover=self.failover,
+                        on_placed=on_placed,
+                    )
+                    async with aclosing(stream):
+                        async for chunk in _translate_errors(stream):
+                            used_tokens += len(chunk.token_ids)
+                            num_output_tokens += len(chunk.token_ids)
+                            self.kv_ledger.record_tokens(
+                                ledger_key, len(chunk.token_ids), num_prompt_tokens=chunk.num_prompt_tokens
+                            )
+                            if chunk.token_ids:
+                                request.on_tokens(len(chunk.token_ids))
+                            if chunk.finished:
+                                self._release_kv(ledger_key)  # before the client reads it: waiters go sooner
+                                request.on_finished(chunk.finish_reason or "", chunk.num_prompt_tokens)
+                            if chunk.finished and chunk.finish_reason in ("stop", "length") and self.predictor:
+                                # Only complete generations teach the predictor; aborted lengths are unknown.
+                                self.predictor.observe(route, num_output_tokens, features)
+                            yield chunk
+                finally:
+                    self._inflight.subtract(placed)
+            except RouterError:
+                if not num_output_tokens:
+                    used_tokens = 0  # refused by the worker or failed before its first token: nothing to charge
+                raise
             finally:
-                self._inflight.subtract(placed)
-        finally:
-            self._release_kv(ledger_key)  # cancel, deadline, worker error, or a placement that never ran
-            self.quotas.release(reservation, limits, used_tokens)
+                self._request_ids.discard(route.request_id)
+                self._release_kv(ledger_key)  # cancel, deadline, worker error, or a placement that never ran
+                self.quotas.release(reservation, limits, used_tokens)
+        except BaseException as exc:  # cancellation and client disconnects included: every request is counted
+            request.on_end(exc)
+            raise
+        request.on_end(None)
 
     async def _admit_fresh(self, api_key: str | None, inp: GenerateInput) -> tuple[str, GenerateCall, RouteRequest]:
         """Authenticate and validate; on an unknown key, deployment or adapter, refresh the table once and retry.
@@ -338,7 +404,16 @@ class RouterCore:
 
         if self.admission is None:
             return place(self._view())
-        return await self.admission.admit(route, view=self._view, place=place)
+        try:
+            return await self.admission.admit(route, view=self._view, place=place)
+        except ResourceExhausted:
+            self.metrics.on_rejected("queue_full", route.deployment, route.tenant)
+            raise
+        except _NoCapacity:
+            raise  # counted by `_route`
+        except Unavailable:
+            self.metrics.on_rejected("wait_timeout", route.deployment, route.tenant)
+            raise
 
     def _release_kv(self, ledger_key: str) -> None:
         if self.kv_ledger.finish(ledger_key) and self.admission is not None:
@@ -363,9 +438,47 @@ class RouterCore:
 
     def _route(self, route: RouteRequest, view: ClusterView) -> Decision:
         try:
-            return self.policy.route(route, view)
+            decision = self.policy.route(route, view)
         except NoCapacityError as exc:
-            raise Unavailable(str(exc), retry_after_s=exc.retry_after_s) from None
+            self.metrics.on_rejected("no_capacity", route.deployment, route.tenant)
+            raise _NoCapacity(str(exc), retry_after_s=exc.retry_after_s) from None
+        self.metrics.on_routed(
+            self.policy.name, route.deployment, _DISAGGREGATED if decision.prefill_worker_id else _MIXED
+        )
+        return decision
+
+
+_MIXED = ("mixed",)
+_DISAGGREGATED = ("prefill", "decode")
+"""The pool roles a decision places on, for `raylane_routing_decisions_total{pool}`."""
+
+
+class _NoCapacity(Unavailable):
+    """No healthy worker for the request (as opposed to an admission wait that ran out)."""
+
+
+def _check_finite(inp: GenerateInput) -> None:
+    """Every float of a request must be finite: NaN passes every range check after this one."""
+    for f in dataclasses.fields(inp):
+        value = getattr(inp, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise InvalidArgument(f"{f.name} must be a finite number, got {value}")
+
+
+def _check_lengths(deployment: DeploymentRoute, num_prompt_tokens: int | None, max_tokens: int) -> None:
+    """Refuse what the workers would refuse, before the request reserves quota (None: prompt not tokenized yet)."""
+    context = deployment.max_model_len
+    if context is None:
+        return
+    if max_tokens > context:
+        raise InvalidArgument(
+            f"max_tokens is {max_tokens} but deployment {deployment.name!r} has a context of {context}"
+        )
+    if num_prompt_tokens is not None and num_prompt_tokens >= context:
+        raise InvalidArgument(
+            f"the prompt has {num_prompt_tokens} tokens but deployment {deployment.name!r} has a context of {context} "
+            "(prompt plus at least one generated token must fit)"
+        )
 
 
 async def _translate_errors(stream: AsyncIterator[TokenChunk]) -> AsyncIterator[TokenChunk]:

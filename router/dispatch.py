@@ -91,6 +91,7 @@ class SequenceGuard:
         skip = self.next_seq - chunk.seq
         if skip > 0:
             chunk.token_ids = chunk.token_ids[skip:]
+            chunk.logprobs = None if chunk.logprobs is None else chunk.logprobs[skip:]
             chunk.seq = self.next_seq
         self.next_seq = max(self.next_seq, end)
         return chunk

@@ -1,4 +1,4 @@
-"""Errors the router returns to clients, each with the gRPC status DESIGN.md maps it to."""
+"""Errors the router returns to clients, each with its gRPC status (docs/architecture.md, "How a request flows")."""
 
 from __future__ import annotations
 
@@ -31,6 +31,10 @@ class RouterError(Exception):
 
 class InvalidArgument(RouterError):
     status = Status.INVALID_ARGUMENT
+
+
+class NotFound(InvalidArgument):
+    """An unknown deployment, tier group or adapter: `INVALID_ARGUMENT` over gRPC, 404 over HTTP."""
 
 
 class Unauthenticated(RouterError):

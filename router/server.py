@@ -22,11 +22,17 @@ from router.admission import AdmissionConfig, AdmissionController
 from router.core import RouterCore
 from router.dispatch import FailoverConfig, WorkerClient
 from router.errors import InvalidArgument, Unavailable, WorkerLost
+from router.grpc_server import check_tls_files
+from router.http.app import build_app
+from router.http.ports import HTTP_FREE_PORT, HTTP_OFF, check_http_port
+from router.http.server import HttpServer
 from router.length_predictor import LengthPredictor
+from router.metrics import REGISTRY, MetricsServer, process_metrics, serve_metrics
 from router.policy import ClusterView, WorkerView
 from router.registry import DEFAULT_POLICY, make_policy
 from router.servicer import RouterServicer, start_router_server
 from router.table import RoutingTable
+from workers.engine.errors import EngineDeadError
 from workers.messages import GenerateCall, PrefillResult, TokenChunk, WorkerStats
 
 logger = logging.getLogger(__name__)
@@ -48,7 +54,10 @@ class RouterConfig:
     stats_refresh_s: float = 0.1
     """How often every worker's load is pulled; placement reads stats at most this old."""
     stats_timeout_s: float = 2.0
-    """A worker whose stats call takes longer is treated as unhealthy until it answers again."""
+    """A stats call taking longer is given up; the worker keeps its last-known load (slow is not dead)."""
+    stats_stale_limit_s: float = 30.0
+    """A worker whose stats have not answered for this long leaves placement until they do. A stats call that
+    fails (the actor or its engine loop died) takes it out at once."""
     policy: str = DEFAULT_POLICY
     """Routing policy by name (router/registry.py); `raylane` is the full length- and KV-aware one."""
     admission: bool = False
@@ -59,15 +68,33 @@ class RouterConfig:
     """How often the length predictor is saved to the state store (and at stop); a new router loads the freshest."""
     max_failovers: int = 3
     """Workers a request may lose mid-stream (resumed elsewhere by recompute) before it fails with UNAVAILABLE."""
+    http_port: int = 8000
+    """Port of the OpenAI-compatible HTTP front (on `host`): 0 turns it off, -1 (`HTTP_FREE_PORT`) binds a free one
+    (tests; the bound address is `RouterReplica.http_address`)."""
+
+    metrics_port: int = 0
+    """Port of a Prometheus `/metrics` of its own (on `host`), for routers whose HTTP front (which serves `/metrics`
+    too) is off: 0 turns it off, -1 (`HTTP_FREE_PORT`) binds a free one (tests; see `RouterReplica.metrics_address`)."""
+    tls_cert_file: str | None = None
+    """PEM certificate (chain) of the router's gRPC and HTTP ports; with `tls_key_file` they speak only TLS."""
+    tls_key_file: str | None = None
+    """PEM private key matching `tls_cert_file`."""
 
     def __post_init__(self) -> None:
         make_policy(self.policy)  # a typo fails here, at startup, with the list of names
         if not 0 <= self.port < 65536:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
+        check_http_port("http_port", self.http_port)
+        check_http_port("metrics_port", self.metrics_port)
         if min(self.table_refresh_s, self.stats_refresh_s, self.stats_timeout_s, self.predictor_save_s) <= 0:
             raise ValueError("refresh intervals and timeouts must be positive")
+        if self.stats_stale_limit_s < self.stats_timeout_s:
+            raise ValueError(
+                f"stats_stale_limit_s ({self.stats_stale_limit_s}) must be >= stats_timeout_s ({self.stats_timeout_s})"
+            )
         if self.max_failovers < 0:
             raise ValueError(f"max_failovers must be >= 0, got {self.max_failovers}")
+        check_tls_files(self.tls_cert_file, self.tls_key_file)
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -91,8 +118,9 @@ class RoutingState:
     """Deployment -> model folder (for token counting)."""
 
 
-_LOST_ERRORS = (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError)
-"""Ray's ways of saying the actor died or cannot be reached: the router fails the request over."""
+_LOST_ERRORS = (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError, EngineDeadError)
+"""The actor died or cannot be reached, or its engine loop died (the actor still answers, but serves nothing):
+the router fails the request over."""
 
 
 class RayWorkerClient:
@@ -205,7 +233,8 @@ class RayDirectory:
         workers: dict[str, list[WorkerView]] = {}
         for entry in self._state.workers.values():
             seen, stats = self._stats.get(entry.worker_id, (0.0, None))
-            fresh = stats is not None and now - seen <= self.config.stats_timeout_s
+            # Stale stats still place (a loaded machine answers late); a failed stats call removed them already.
+            fresh = stats is not None and now - seen <= self.config.stats_stale_limit_s
             load = {}
             if stats is not None:
                 load = dict(
@@ -228,6 +257,10 @@ class RayDirectory:
             )
             workers.setdefault(entry.deployment, []).append(view)
         return ClusterView(workers=workers)
+
+    def latest_stats(self) -> list[WorkerStats]:
+        """The last stats of every worker that answered (safe to call from a metrics server's thread)."""
+        return [stats for _, stats in list(self._stats.values())]
 
     def model_path(self, deployment: str) -> str | None:
         return self._state.models.get(deployment)
@@ -299,8 +332,14 @@ class RayDirectory:
             asked = time.monotonic()
             try:
                 stats = await asyncio.wait_for(client.stats(), self.config.stats_timeout_s)
-            except Exception:
-                return  # stale stats mark it unhealthy in `view`
+            except TimeoutError:
+                return  # slow, not dead: it keeps its last-known load until `stats_stale_limit_s`
+            except Exception as exc:
+                # An answer that is an error: the actor died, or its engine loop did. Out of placement at once.
+                if client.worker_id in self._stats:
+                    logger.warning("worker unplaceable worker_id=%s error=%s", client.worker_id, type(exc).__name__)
+                self.mark_unhealthy(client.worker_id)
+                return
             if self._suspect.get(client.worker_id, -1.0) >= asked:
                 return  # an answer from before the worker was lost proves nothing
             self._suspect.pop(client.worker_id, None)
@@ -349,22 +388,43 @@ class RouterReplica:
             if config.admission
             else None,
             failover=FailoverConfig(max_failovers=config.max_failovers),
+            metrics=process_metrics(),
         )
+        # Worker metrics come from the stats this router pulls anyway, read at scrape time.
+        self.core.metrics.watch_workers(self.directory.latest_stats)
         self._server: grpc.aio.Server | None = None
+        self._http: HttpServer | None = None
+        self._metrics_server: MetricsServer | None = None
         self._save_task: asyncio.Task | None = None
         self.address = ""
+        self.http_address = ""
+        """`host:port` of the OpenAI-compatible HTTP front; empty when `http_port` turns it off."""
+        self.metrics_address = ""
+        """`host:port` of the `/metrics` endpoint on `metrics_port`; empty when it is off (or its port was taken)."""
 
     async def start(self) -> str:
         """Pull the routing state, then serve; returns the address clients should use."""
         await self.directory.start()
         await self._load_predictor()
         servicer = RouterServicer(self.core, count_tokens=_TokenCounter(self.directory))
-        self._server, port = await start_router_server(servicer, self.config.host, self.config.port)
+        self._server, port = await start_router_server(servicer, self.config)
         host = ray.util.get_node_ip_address() if self.config.host == "0.0.0.0" else self.config.host
         self.address = f"{host}:{port}"
+        if self.config.http_port != HTTP_OFF:
+            self.http_address = f"{host}:{await self._start_http()}"
+        if self.config.metrics_port != HTTP_OFF:
+            port = 0 if self.config.metrics_port == HTTP_FREE_PORT else self.config.metrics_port
+            self._metrics_server = serve_metrics(REGISTRY, self.config.host, port, what="router")
+            self.metrics_address = f"{host}:{self._metrics_server.port}" if self._metrics_server else ""
         self._save_task = asyncio.create_task(_every(self.config.predictor_save_s, self.save_predictor))
-        logger.info("router started address=%s", self.address)
+        logger.info("router started address=%s http=%s", self.address, self.http_address or "off")
         return self.address
+
+    async def _start_http(self) -> int:
+        """Serve the OpenAI-compatible API on this loop, over the same `RouterCore` as gRPC; returns the port."""
+        port = 0 if self.config.http_port == HTTP_FREE_PORT else self.config.http_port
+        self._http = HttpServer(build_app(self.core, self.directory), host=self.config.host, port=port)
+        return await self._http.start()
 
     async def _load_predictor(self) -> None:
         try:
@@ -396,6 +456,10 @@ class RouterReplica:
         except Exception:
             logger.exception("length predictor not saved at stop")
         await self.directory.stop()
+        if self._http is not None:
+            await self._http.stop()
+        if self._metrics_server is not None:
+            self._metrics_server.stop()
         if self._server is not None:
             await self._server.stop(grace=grace_s)
 
@@ -413,11 +477,17 @@ class RouterActor:
     async def ping(self) -> str:
         return self.replica.address
 
+    async def http_address(self) -> str:
+        """`host:port` of the replica's OpenAI-compatible HTTP front; empty when it is off."""
+        return self.replica.http_address
+
     async def describe(self) -> dict[str, Any]:
         """What this replica runs and has learned, for status pages and tests."""
         predictor = self.replica.core.predictor
         return {
             "address": self.replica.address,
+            "http_address": self.replica.http_address,
+            "metrics_address": self.replica.metrics_address,
             "policy": self.replica.core.policy.name,
             "predictor_keys": 0 if predictor is None else predictor.num_keys,
         }

@@ -4,15 +4,20 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from typing import TYPE_CHECKING, Any
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from protos.raylane.v1 import router_pb2, router_pb2_grpc
 from router.core import GenerateInput, RouterCore
 from router.errors import InvalidArgument, RouterError, Unavailable
 from router.grpc_server import start_grpc_server
 from workers.messages import TokenChunk
+
+if TYPE_CHECKING:
+    from router.server import RouterConfig
 
 logger = logging.getLogger(__name__)
 
@@ -29,7 +34,54 @@ def api_key_from(context: grpc.aio.ServicerContext) -> str | None:
     return None
 
 
+class _Malformed:
+    """Stands for request bytes that do not parse, so the method can answer INVALID_ARGUMENT."""
+
+
+MALFORMED = _Malformed()
+
+
+def _tolerant(parse: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
+    # grpc answers a deserializer's exception with UNKNOWN and the parser's name; bad bytes are bad input.
+    def deserialize(data: bytes) -> Any:
+        try:
+            return parse(data)
+        except DecodeError:
+            return MALFORMED
+
+    return deserialize
+
+
+def _check_parsed(request: Any, kind: type) -> None:
+    if request is MALFORMED:
+        raise InvalidArgument(f"the request body is not a valid {kind.DESCRIPTOR.full_name} message")
+
+
+def add_router_servicer(servicer: RouterServicer, server: grpc.aio.Server) -> None:
+    """`add_RouterServicer_to_server`, except that unparsable request bytes reach the method as `MALFORMED`."""
+    handlers = {
+        "Generate": grpc.unary_stream_rpc_method_handler(
+            servicer.Generate,
+            request_deserializer=_tolerant(router_pb2.GenerateRequest.FromString),
+            response_serializer=router_pb2.TokenChunk.SerializeToString,
+        ),
+        "Complete": grpc.unary_unary_rpc_method_handler(
+            servicer.Complete,
+            request_deserializer=_tolerant(router_pb2.GenerateRequest.FromString),
+            response_serializer=router_pb2.CompleteResponse.SerializeToString,
+        ),
+        "CountTokens": grpc.unary_unary_rpc_method_handler(
+            servicer.CountTokens,
+            request_deserializer=_tolerant(router_pb2.CountTokensRequest.FromString),
+            response_serializer=router_pb2.CountTokensResponse.SerializeToString,
+        ),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(ROUTER_SERVICE, handlers),))
+    server.add_registered_method_handlers(ROUTER_SERVICE, handlers)
+
+
 def to_input(request: router_pb2.GenerateRequest) -> GenerateInput:
+    _check_parsed(request, router_pb2.GenerateRequest)
     s = request.sampling
     return GenerateInput(
         deployment=request.deployment,
@@ -114,6 +166,7 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
     async def CountTokens(self, request, context) -> router_pb2.CountTokensResponse:
         try:
             tenant = self.core.authenticate(api_key_from(context))
+            _check_parsed(request, router_pb2.CountTokensRequest)
             if request.deployment not in self.core.directory.table().deployments:
                 raise InvalidArgument(f"unknown deployment {request.deployment!r}")
             if self._count_tokens is None:
@@ -132,8 +185,14 @@ async def _abort(context: grpc.aio.ServicerContext, exc: RouterError) -> None:
     await context.abort(getattr(grpc.StatusCode, exc.status.value), exc.message)
 
 
-async def start_router_server(servicer: RouterServicer, host: str, port: int) -> tuple[grpc.aio.Server, int]:
-    """A `grpc.aio` server for `servicer` with health checking and reflection; returns it and its bound port."""
+async def start_router_server(servicer: RouterServicer, config: RouterConfig) -> tuple[grpc.aio.Server, int]:
+    """A `grpc.aio` server for `servicer` with health checking and reflection (TLS if configured); returns it and
+    its bound port."""
     return await start_grpc_server(
-        lambda server: router_pb2_grpc.add_RouterServicer_to_server(servicer, server), ROUTER_SERVICE, host, port
+        lambda server: add_router_servicer(servicer, server),
+        ROUTER_SERVICE,
+        config.host,
+        config.port,
+        tls_cert_file=config.tls_cert_file,
+        tls_key_file=config.tls_key_file,
     )

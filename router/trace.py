@@ -13,8 +13,8 @@ from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
 
-# The repo's sibling folder `shared/` holds data we did not make (see DESIGN.md).
-DEFAULT_TRACE = Path(__file__).resolve().parents[1].parent / "shared" / "traces" / "azure_llm_2023_conv.csv"
+# Shipped in the repository (credit and licence in data/traces/README.md), so a fresh clone needs nothing beside it.
+DEFAULT_TRACE = Path(__file__).resolve().parents[1] / "data" / "traces" / "azure_llm_2023_conv.csv"
 # Ids 0-2 are <unk>, <s>, </s> in our tokenizers; a random prompt should not contain them.
 NUM_SPECIAL_IDS = 3
 
@@ -45,7 +45,10 @@ def load_trace(path: str | Path = DEFAULT_TRACE) -> list[TraceRequest]:
     """Every row of the trace, with arrival times relative to the first row."""
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"trace {path} not found; pass --trace or put the Azure trace there")
+        raise ValueError(
+            f"trace {path} not found; pass a trace path (the Azure trace ships in the repository's data/traces/, "
+            "which only an editable install, `pip install -e .`, sees by default)"
+        )
     rows: list[tuple[datetime, int, int]] = []
     with path.open(newline="") as f:
         for row in csv.DictReader(f):

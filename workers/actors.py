@@ -71,6 +71,9 @@ class WorkerConfig:
     """Abort a request whose consumer left `_STREAM_BACKPRESSURE` chunks unread for this long, freeing its blocks."""
     prefix_summary_limit: int = 4096
     """Cached-block hashes published with each stats report for prefix-aware routing (8 bytes each); 0: none."""
+    engine_stall_timeout_s: float = 120.0
+    """`ping` and `stats` report the worker dead when its engine loop finished no step (or idle wait) for this
+    long: far above any step on a loaded machine, so a slow worker is never declared dead."""
 
     def __post_init__(self) -> None:
         if not self.worker_id or not self.deployment:
@@ -83,6 +86,8 @@ class WorkerConfig:
             raise ValueError(f"prefix_summary_limit must be >= 0, got {self.prefix_summary_limit}")
         if self.stream_stall_timeout_s <= 0:
             raise ValueError(f"stream_stall_timeout_s must be positive, got {self.stream_stall_timeout_s}")
+        if self.engine_stall_timeout_s <= 0:
+            raise ValueError(f"engine_stall_timeout_s must be positive, got {self.engine_stall_timeout_s}")
         object.__setattr__(self, "adapters", tuple((str(n), str(p)) for n, p in self.adapters))
         names = [name for name, _ in self.adapters]
         if len(set(names)) != len(names):
@@ -128,6 +133,8 @@ class LLMWorker:
     # ---- health and load ----------------------------------------------------------------------
 
     async def ping(self) -> str:
+        """The worker id while the engine loop is alive; raises `EngineDeadError` once it is not (the health check
+        then replaces the worker: answering a ping is not being alive)."""
         self._check_alive()
         return self.config.worker_id
 
@@ -149,6 +156,8 @@ class LLMWorker:
             output_tokens_per_s=stats.output_tokens_per_s,
             num_generated_tokens=stats.num_generated_tokens,
             prefix_cache_hit_rate=stats.prefix_cache_hit_rate,
+            num_prefix_cache_queries=stats.num_prefix_cache_queries,
+            num_prefix_cache_hits=stats.num_prefix_cache_hits,
             num_preemptions=stats.num_preemptions,
             adapters=list(stats.lora_adapters),
             expert_counts=dict(stats.expert_counts),
@@ -403,7 +412,10 @@ class LLMWorker:
                 skip = min(from_seq - chunk.seq, len(chunk.token_ids))
                 if skip == len(chunk.token_ids) and not chunk.finished:
                     continue
-                chunk = replace(chunk, seq=chunk.seq + skip, token_ids=chunk.token_ids[skip:], text="")
+                logprobs = None if chunk.logprobs is None else chunk.logprobs[skip:]
+                chunk = replace(
+                    chunk, seq=chunk.seq + skip, token_ids=chunk.token_ids[skip:], text="", logprobs=logprobs
+                )
             yield chunk
 
     def _arm_watchdog(self, request_id: str, timeout_s: float) -> None:
@@ -518,6 +530,7 @@ class LLMWorker:
     def _check_alive(self) -> None:
         if self._is_shut_down:
             raise RuntimeError(f"worker {self.config.worker_id} is shut down")
+        self.engine.check_alive(self.config.engine_stall_timeout_s)
 
 
 @dataclass

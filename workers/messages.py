@@ -95,6 +95,9 @@ class TokenChunk:
     migrated_to: str = ""
     """Set on the last chunk of a stream whose request moved to that worker (no tokens, not finished): continue
     with `attach(request_id, seq)` there."""
+    logprobs: list[dict[int, float]] | None = None
+    """Per token of `token_ids`: token id -> logprob of the sampled token and the top-n (None unless the request
+    asked for `SamplingParams.logprobs`)."""
 
 
 @dataclass(kw_only=True)
@@ -142,6 +145,10 @@ class WorkerStats:
     """Tokens generated since the worker started."""
     prefix_cache_hit_rate: float
     """Prompt tokens served from the prefix cache over prompt tokens scheduled."""
+    num_prefix_cache_queries: int = 0
+    """Prompt tokens looked up in the prefix cache since the worker started (recomputes included)."""
+    num_prefix_cache_hits: int = 0
+    """Of those, tokens served from the cache."""
     num_preemptions: int
     """Preemptions since the worker started."""
     adapters: list[str]
@@ -262,4 +269,5 @@ def chunk_from_output(output: RequestOutput, *, seq: int, worker_id: str) -> Tok
         num_cached_tokens=output.num_cached_tokens,
         worker_id=worker_id,
         migrated_to=output.migrated_to,
+        logprobs=output.logprobs,
     )

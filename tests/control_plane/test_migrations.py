@@ -210,6 +210,12 @@ def test_migrate_refuses_a_destination_it_cannot_use(pools, triggers, destinatio
         triggers.migrate("t/a", destination)
 
 
+def test_an_unknown_worker_is_not_found_without_naming_the_others(pools, triggers):
+    with pytest.raises(NotFoundError) as info:
+        triggers.drain("zz-mixed-9", scale_down=False, timeout_s=1.0)
+    assert str(info.value) == "no healthy worker 'zz-mixed-9'"
+
+
 def test_an_aborted_migration_is_reported_and_leaves_the_request_in_place(pools, triggers):
     ray.get(_handle(pools, "d-mixed-0").setup.remote(running=[_info("t/a")], refuse=True))
     report = triggers.migrate("t/a", "d-mixed-1")

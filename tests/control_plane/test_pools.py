@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import pytest
@@ -102,3 +103,49 @@ def test_bad_arguments_raise_value_error(pool):
         PoolManager(pool.key, num_cpus=1, num_gpus=0, make_config=lambda _: None, placement_strategy="NEAR")
     with pytest.raises(ValueError, match="num_cpus"):
         PoolManager(pool.key, num_cpus=0, num_gpus=0, make_config=lambda _: None)
+
+
+async def _stream_through_the_router(handle) -> None:
+    from router.server import RayWorkerClient
+
+    call = GenerateCall(request_id="via-router", prompt_token_ids=(3, 4, 5), sampling=SamplingParams())
+    async for _ in RayWorkerClient("p-mixed-0", handle).generate(call):
+        pass
+
+
+def test_a_worker_whose_engine_loop_died_reports_dead_and_is_replaced(pool):
+    from router.errors import WorkerLost
+    from workers.engine.errors import EngineDeadError
+
+    pool.ensure_replicas(1)
+    _wait_healthy(pool)
+    handle = pool.workers()["p-mixed-0"]
+    # Break the model runner under the running loop: the next step fails for no one request's fault.
+    ray.get(handle.__ray_call__.remote(lambda worker: setattr(worker.engine.engine, "runner", None)))
+    with pytest.raises(EngineDeadError):
+        _serves(handle)
+    # The actor still answers calls, but its health report says the loop is dead.
+    with pytest.raises(EngineDeadError, match="engine loop died"):
+        ray.get(handle.ping.remote())
+    with pytest.raises(EngineDeadError):
+        ray.get(handle.stats.remote())
+    # The router treats it as a lost worker, so dispatch resumes its requests elsewhere by recompute.
+    with pytest.raises(WorkerLost, match="EngineDeadError"):
+        asyncio.run(_stream_through_the_router(handle))
+    assert pool.check_health(timeout_s=5.0) == ["p-mixed-0"]
+    pool.replace("p-mixed-0")
+    _wait_healthy(pool)
+    assert _serves(pool.workers()["p-mixed-0"])
+
+
+def test_a_worker_that_answers_late_is_slow_not_dead(pool):
+    pool.ensure_replicas(1)
+    _wait_healthy(pool)
+    handle = pool.workers()["p-mixed-0"]
+    # Block the actor's event loop, as a starved machine would: its pings wait until this returns.
+    blocked = handle.__ray_call__.remote(lambda worker: time.sleep(3.0))
+    assert pool.check_health(timeout_s=0.2) == []
+    assert pool.worker_states() == {"p-mixed-0": "healthy"}
+    ray.get(blocked)
+    assert pool.check_health(timeout_s=5.0) == []
+    assert _serves(handle)

@@ -28,7 +28,7 @@ def test_cli_runs_a_cluster(ray_cluster, tiny_llama, tmp_path):
     runner = CliRunner()
     state = str(tmp_path / "state")
     config = tmp_path / "cluster.yaml"
-    config.write_text("admin_port: 0\nrouter_port: 0\nreconcile_interval_s: 0.5\n")
+    config.write_text("admin_port: 0\nrouter_port: 0\nrouter_http_port: -1\nreconcile_interval_s: 0.5\n")
     address = ray_cluster.get_runtime_context().gcs_address
 
     code, output = _invoke(runner, "up", "--address", address, "--config", str(config), "--state-dir", state)
@@ -49,6 +49,7 @@ def test_cli_runs_a_cluster(ray_cluster, tiny_llama, tmp_path):
             assert time.monotonic() < deadline, output
             time.sleep(0.5)
         assert "cli-mixed-0" in output
+        assert "OpenAI-compatible HTTP: http://127.0.0.1:" in output
 
         generate = ("generate", "hello", "--deployment", "cli", "--max-tokens", "5")
         code, output = _invoke(runner, *generate, "--state-dir", state)
@@ -121,6 +122,7 @@ def test_cli_kubernetes_style_start_with_separate_router(ray_cluster, tiny_llama
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     cmd = [sys.executable, "-m", "control_plane.cli", "router", "serve", "--address", address, "--port", str(port)]
+    cmd.append("--http-port=-1")  # a free port: the default 8000 may be taken on a shared machine
     router_log_path = tmp_path / "router.log"
     router_log = router_log_path.open("w")
     router = subprocess.Popen(

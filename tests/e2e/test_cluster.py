@@ -13,7 +13,8 @@ import time
 import pytest
 import ray
 
-from control_plane.admin_client import AdminClient
+from control_plane.admin_auth import admin_token_for
+from control_plane.admin_client import AdminClient, admin_client_for
 from control_plane.config import ControlPlaneConfig
 from control_plane.spec import AdapterSpec, DeploymentSpec, EngineOptions, PoolSpec, Quota, TenantSpec
 from router.client import (
@@ -56,9 +57,11 @@ def cluster(ray_cluster, tiny_llama, tiny_loras, tmp_path_factory):
     from control_plane.cluster import start_control_plane, stop_control_plane
 
     state_dir = tmp_path_factory.mktemp("cluster-state")
-    config = ControlPlaneConfig(state_dir=str(state_dir), admin_port=0, router_port=0, reconcile_interval_s=0.5)
+    config = ControlPlaneConfig(
+        state_dir=str(state_dir), admin_port=0, router_port=0, router_http_port=-1, reconcile_interval_s=0.5
+    )
     handle, info = start_control_plane(config, detached=False)
-    admin = AdminClient(info.admin_address)
+    admin = admin_client_for(config, info.admin_address)
     engine = EngineOptions(kv_cache_bytes=8 << 20, max_num_batched_tokens=128, max_num_seqs=16)
     admin.create_tenant(TenantSpec(name="alice", quota=Quota(max_concurrent=8, tokens_per_minute=1_000_000)))
     admin.create_tenant(TenantSpec(name="bob", quota=Quota(max_concurrent=1, tokens_per_minute=1_000_000)))
@@ -207,10 +210,12 @@ def test_invalid_deployment_is_refused_with_the_field_named(cluster, tiny_llama)
 
     from protos.raylane.v1 import control_pb2, control_pb2_grpc
 
+    token = admin_token_for(cluster["config"])
     with grpc.insecure_channel(cluster["info"].admin_address) as channel:
         stub = control_pb2_grpc.ControlPlaneStub(channel)
         with pytest.raises(grpc.RpcError) as info:
-            stub.ApplyDeployment(control_pb2.ApplyDeploymentRequest(spec=message), timeout=10)
+            request = control_pb2.ApplyDeploymentRequest(spec=message)
+            stub.ApplyDeployment(request, metadata=(("authorization", f"Bearer {token}"),), timeout=10)
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "pools[0].role" in info.value.details() and "decoder" in info.value.details()
 
@@ -253,7 +258,7 @@ def test_state_survives_a_control_plane_restart(cluster):
     handle, info = start_control_plane(cluster["config"], detached=False)
     cluster["handle"], cluster["info"] = handle, info
     cluster["admin"].close()
-    cluster["admin"] = admin = AdminClient(info.admin_address)
+    cluster["admin"] = admin = admin_client_for(cluster["config"], info.admin_address)
     assert {d.name for d in admin.list_deployments()} == {"pd", "mixed"}
     assert {t.name for t in admin.list_tenants()} == {"alice", "bob"}
     _wait(lambda: admin.status().num_healthy_workers >= 3, timeout_s=120, what="workers back")

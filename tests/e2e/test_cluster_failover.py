@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 import pytest
 
-from control_plane.admin_client import AdminClient
+from control_plane.admin_client import AdminClient, admin_client_for
 from control_plane.config import ControlPlaneConfig
 from control_plane.pools import actor_name
 from control_plane.spec import DeploymentSpec, EngineOptions, PoolSpec, Quota, TenantSpec
@@ -63,9 +63,11 @@ def cluster(ray_cluster, tiny_llama, tmp_path_factory):
     from control_plane.cluster import start_control_plane, stop_control_plane
 
     state_dir = tmp_path_factory.mktemp("failover-state")
-    config = ControlPlaneConfig(state_dir=str(state_dir), admin_port=0, router_port=0, reconcile_interval_s=0.5)
+    config = ControlPlaneConfig(
+        state_dir=str(state_dir), admin_port=0, router_port=0, router_http_port=-1, reconcile_interval_s=0.5
+    )
     handle, info = start_control_plane(config, detached=False)
-    admin = AdminClient(info.admin_address, timeout_s=180)
+    admin = admin_client_for(config, info.admin_address, timeout_s=180)
     engine = EngineOptions(kv_cache_bytes=8 << 20, max_num_batched_tokens=256, max_num_seqs=32)
     admin.create_tenant(TenantSpec(name="alice", quota=Quota(max_concurrent=64, tokens_per_minute=10_000_000)))
     _, key = admin.issue_key("alice")
@@ -303,3 +305,33 @@ def test_migrate_and_drain_refuse_unknown_requests_and_workers(cluster):
     with pytest.raises(RaylaneError, match="no healthy worker 'no-such-worker'") as info:
         admin.drain("no-such-worker")
     assert info.value.code == grpc.StatusCode.NOT_FOUND
+
+
+def test_a_nan_temperature_is_refused_and_hurts_no_worker_or_stream(cluster):
+    """The poison pill of old: NaN passed `temperature >= 0` and killed the engine loop of every worker it reached."""
+    import math
+
+    import grpc
+
+    from protos.raylane.v1 import router_pb2, router_pb2_grpc
+
+    admin, client, info = cluster["admin"], cluster["client"], cluster["info"]
+    _wait(lambda: _all_healthy(admin, "ha", 2), 120, "both mixed workers healthy")
+    before = (admin.status().reconcile.num_workers_replaced, set(_workers(admin, "ha")))
+    streams = Streams(client, "ha", _specs(seeded=True, max_tokens=120), "beside-nan")
+    _wait(lambda: streams.all_received(2), 60, "every stream started")
+    poisoned = router_pb2.GenerateRequest(deployment="ha", prompt=PROMPTS[0], request_id="")
+    poisoned.sampling.temperature = math.nan  # sent around the SDK, which refuses it itself
+    metadata = client._metadata
+    with grpc.insecure_channel(info.router_addresses[0]) as channel:
+        stub = router_pb2_grpc.RouterStub(channel)
+        for _ in range(4):  # enough to reach both workers, were it placed
+            with pytest.raises(grpc.RpcError) as refused:
+                stub.Complete(poisoned, metadata=metadata, timeout=60)
+            assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "temperature must be a finite number" in refused.value.details()
+    for tokens in streams.join():
+        assert len(tokens) == 120
+    assert (admin.status().reconcile.num_workers_replaced, set(_workers(admin, "ha"))) == before
+    assert _all_healthy(admin, "ha", 2)
+    assert client.complete("ha", PROMPTS[0], max_tokens=4, temperature=0.5, seed=1).finish_reason == "length"

@@ -17,7 +17,8 @@ import jsonschema
 import kubernetes.client
 import yaml
 
-CRD_PATH = Path(__file__).resolve().parents[3] / "shared" / "k8s" / "ray.io_rayclusters.yaml"
+# A copy kept in the repository (provenance and licence in data/k8s/README.md).
+CRD_PATH = Path(__file__).resolve().parents[2] / "data" / "k8s" / "ray.io_rayclusters.yaml"
 
 # API groups whose kinds the `kubernetes` package models.
 CORE_GROUPS = {"", "apps", "batch", "policy", "networking.k8s.io", "rbac.authorization.k8s.io", "autoscaling"}
@@ -140,8 +141,8 @@ def _format_error(error: jsonschema.ValidationError) -> str:
     return f"{path or '<root>'}: {error.message}"
 
 
-# The Prometheus Operator and Gateway API CRDs are not in ../shared: these closed schemas cover the fields the chart
-# uses, so a typo still fails.
+# The Prometheus Operator and Gateway API CRDs are not kept in data/k8s/: these closed schemas cover the fields the
+# chart uses, so a typo still fails.
 _LABELS = {"type": "object", "additionalProperties": {"type": "string"}}
 _METADATA = {
     "type": "object",

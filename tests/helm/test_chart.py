@@ -37,6 +37,10 @@ def kinds(objects: list[dict[str, Any]]) -> set[str]:
     return {o["kind"] for o in objects}
 
 
+def _secret_names(objects: list[dict[str, Any]]) -> set[str]:
+    return {o["metadata"]["name"] for o in objects if o["kind"] == "Secret"}
+
+
 def pod_specs(objects: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """Every pod spec the chart renders, keyed by a readable name."""
     specs = {}
@@ -118,7 +122,7 @@ def test_bad_values_fail_schema_validation_with_readable_errors(helm):
 @pytest.mark.parametrize(
     ("set_args", "message"),
     [
-        (["router.http.enabled=true"], "router.http.enabled: the router's HTTP front is not implemented yet"),
+        (["router.http.port=50051"], "router.http.port: the HTTP API needs its own port"),
         (["redis.enabled=false"], "set redis.enabled=true (the bundled StatefulSet) or externalRedis.url"),
         (
             ["deployments[0].name=a", "deployments[0].model=/m", "deployments[0].pools[0].role=prefill"],
@@ -156,8 +160,9 @@ def test_router_service_and_ports_match_the_cli_defaults(render):
     defaults = ControlPlaneConfig()
     objects = render()
     service = find(objects, "Service", f"{FULLNAME}-router")
-    (port,) = service["spec"]["ports"]
+    port, http = service["spec"]["ports"]
     assert (port["name"], port["port"], port["targetPort"]) == ("grpc", defaults.router_port, "grpc")
+    assert (http["name"], http["port"], http["targetPort"]) == ("http", defaults.router_http_port, "http")
     pod = find(objects, "Deployment", f"{FULLNAME}-router")["spec"]["template"]["spec"]
     container = pod["containers"][0]
     assert {p["name"]: p["containerPort"] for p in container["ports"]}["grpc"] == defaults.router_port
@@ -167,6 +172,7 @@ def test_router_service_and_ports_match_the_cli_defaults(render):
     serve = command[command.index("raylane") :]
     assert serve[:3] == ["raylane", "router", "serve"]
     assert serve[serve.index("--port") + 1] == str(defaults.router_port)
+    assert serve[serve.index("--http-port") + 1] == str(defaults.router_http_port)
     assert serve[serve.index("--host") + 1] == "0.0.0.0"
     assert serve[serve.index("--address") + 1] == "auto"
     # The router joins Ray through KubeRay's head Service, without CPUs for tasks.
@@ -234,16 +240,16 @@ def test_head_runs_the_control_plane_with_the_documented_flags(render):
     objects = render()
     plain = find(objects, "RayCluster")["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
     assert "--bootstrap" not in plain["lifecycle"]["postStart"]["exec"]["command"][-1]
-    assert "Secret" not in kinds(objects)
+    assert _secret_names(objects) == {"rl-raylane-admin-token"}  # the admin token is always there
 
 
 def test_generated_api_key_is_random_and_kept(render):
-    secret = find(render(None, "apiKey.generate=true"), "Secret")
+    secret = find(render(None, "apiKey.generate=true"), "Secret", "rl-raylane-api-key")
     key = base64.b64decode(secret["data"]["api-key"]).decode()
     assert key.startswith("rl-") and len(key) == 43
     assert secret["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
     existing = render(None, "apiKey.existingSecret=mine")
-    assert "Secret" not in kinds(existing)
+    assert _secret_names(existing) == {"rl-raylane-admin-token"}
     head = find(existing, "RayCluster")["spec"]["headGroupSpec"]["template"]["spec"]
     assert {v["name"]: v for v in head["volumes"]}["api-key"]["secret"]["secretName"] == "mine"
 
@@ -367,7 +373,9 @@ def test_network_policies_fence_the_workers_and_redis(render):
         {"from": [{"podSelector": {"matchLabels": node_selector}}], "ports": [{"port": 6379, "protocol": "TCP"}]}
     ]
     router = policies[f"{FULLNAME}-router"]["ingress"]
-    assert router == [{"ports": [{"port": ControlPlaneConfig().router_port, "protocol": "TCP"}]}]
+    defaults = ControlPlaneConfig()
+    ports = [{"port": defaults.router_port, "protocol": "TCP"}, {"port": defaults.router_http_port, "protocol": "TCP"}]
+    assert router == [{"ports": ports}]
     lora_objects = render(VALUES_FILES["multitenant-lora"])
     lora = {o["metadata"]["name"]: o["spec"] for o in lora_objects if o["kind"] == "NetworkPolicy"}
     assert lora[f"{FULLNAME}-router"]["ingress"][0]["from"][0]["namespaceSelector"]
@@ -401,8 +409,22 @@ def test_router_pdb_ingress_and_gateway(render):
     route = find(render(VALUES_FILES["multitenant-lora"]), "GRPCRoute")
     assert route["spec"]["rules"][0]["backendRefs"] == [{"name": f"{FULLNAME}-router", "port": 50051}]
     assert not kinds(render()) & {"Ingress", "GRPCRoute"}
-    # http.enabled is false by default and adds nothing.
-    assert all(p["name"] != "http" for p in find(render(), "Service", f"{FULLNAME}-router")["spec"]["ports"])
+
+
+def test_router_serves_the_openai_http_api_on_its_own_port(render):
+    objects = render()
+    service_ports = {p["name"]: p for p in find(objects, "Service", f"{FULLNAME}-router")["spec"]["ports"]}
+    assert service_ports["http"]["port"] == 8000 and service_ports["http"]["targetPort"] == "http"
+    [container] = find(objects, "Deployment", f"{FULLNAME}-router")["spec"]["template"]["spec"]["containers"]
+    assert {"name": "http", "containerPort": 8000} in container["ports"]
+    assert "--http-port 8000" in " ".join(container["args"])
+    policy = find(objects, "NetworkPolicy", f"{FULLNAME}-router")
+    assert {"port": 8000, "protocol": "TCP"} in policy["spec"]["ingress"][0]["ports"]
+    # Off: no port anywhere, and the router is told so (`--http-port 0`).
+    off = render(None, "router.http.enabled=false")
+    assert "http" not in {p["name"] for p in find(off, "Service", f"{FULLNAME}-router")["spec"]["ports"]}
+    [container] = find(off, "Deployment", f"{FULLNAME}-router")["spec"]["template"]["spec"]["containers"]
+    assert "--http-port 0" in " ".join(container["args"]) and all(p["name"] != "http" for p in container["ports"])
 
 
 def test_service_monitor_is_off_by_default_and_dashboard_is_valid_json(render):

@@ -32,6 +32,7 @@ from router.errors import (
 from router.length_predictor import LengthPredictor, LengthPredictorConfig
 from router.policy import ClusterView, Decision, LeastLoadedPolicy, RouteRequest, WorkerView
 from router.quota import QuotaLimits, QuotaTracker
+from router.server import RouterConfig
 from router.servicer import RouterServicer, start_router_server
 from router.table import DeploymentRoute, RoutingTable, hash_api_key
 from workers.engine.async_engine import AsyncEngine
@@ -327,7 +328,7 @@ def router_server(engines) -> Iterator[RouterServer]:
     core = RouterCore(make_directory(engines))
 
     async def start() -> tuple[grpc.aio.Server, int]:
-        return await start_router_server(RouterServicer(core), "127.0.0.1", 0)
+        return await start_router_server(RouterServicer(core), RouterConfig(host="127.0.0.1", port=0))
 
     server, port = asyncio.run_coroutine_threadsafe(start(), loop).result(timeout=30)
     yield RouterServer(address=f"127.0.0.1:{port}", core=core, loop=loop)
@@ -462,3 +463,18 @@ def test_reflection_lists_the_router_service(router_server):
     assert "raylane.v1.Router" in names
     assert "grpc.health.v1.Health" in names
     assert router_pb2.DESCRIPTOR.services_by_name["Router"].full_name == "raylane.v1.Router"
+
+
+def test_router_over_tls_serves_a_trusting_client_and_refuses_plaintext(router_server, self_signed_tls):
+    cert, key = self_signed_tls
+    config = RouterConfig(host="127.0.0.1", port=0, tls_cert_file=cert, tls_key_file=key)
+    start = start_router_server(RouterServicer(router_server.core), config)
+    server, port = asyncio.run_coroutine_threadsafe(start, router_server.loop).result(timeout=30)
+    try:
+        with sdk.Client(f"127.0.0.1:{port}", KEYS["acme"], timeout_s=30, tls_ca_file=cert) as client:
+            assert len(client.complete("chat", list(PROMPT), max_tokens=3, ignore_eos=True).token_ids) == 3
+        plaintext = sdk.Client(f"127.0.0.1:{port}", KEYS["acme"], timeout_s=5)
+        with plaintext, pytest.raises(sdk.UnavailableError):
+            plaintext.complete("chat", list(PROMPT), max_tokens=3)
+    finally:
+        asyncio.run_coroutine_threadsafe(server.stop(None), router_server.loop).result(timeout=30)

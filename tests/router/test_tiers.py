@@ -87,7 +87,7 @@ def test_a_request_may_pin_its_tier_and_token_prompts_go_small():
     [
         (GenerateInput(deployment="chat", prompt="hi", tier="large"), "applies to tier groups"),
         (GenerateInput(deployment="math", prompt="hi", tier="huge"), "tier must be"),
-        (GenerateInput(deployment="nope", prompt="hi"), "known deployments and tier groups"),
+        (GenerateInput(deployment="nope", prompt="hi"), "^unknown deployment .nope.$"),
     ],
 )
 def test_bad_tier_requests_are_invalid_arguments(inp, match):

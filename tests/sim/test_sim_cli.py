@@ -48,5 +48,10 @@ def test_sim_run_rejects_a_bad_config(tmp_path: Path) -> None:
 def test_example_configs_load() -> None:
     from sim.config import load_config
 
-    for path in sorted(Path(__file__).resolve().parents[2].joinpath("examples", "sim").glob("*.yaml")):
-        assert load_config(path).pools, path
+    repo = Path(__file__).resolve().parents[2]
+    for path in sorted(repo.joinpath("examples", "sim").glob("*.yaml")):
+        config = load_config(path)
+        assert config.pools, path
+        if config.trace.path is not None:  # a clone has nothing beside it: the trace ships in the repository
+            assert Path(config.trace.path).resolve().is_relative_to(repo / "data"), path
+            assert Path(config.trace.path).is_file(), path

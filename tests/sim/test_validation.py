@@ -15,14 +15,9 @@ Run it under `flock /tmp/raylane-cpu.lock`.
 
 from __future__ import annotations
 
-import pytest
-
 from bench.sim_validation import parse_args, validate
-from router.trace import DEFAULT_TRACE
 
 THROUGHPUT_BOUND = 0.25
-
-pytestmark = pytest.mark.skipif(not DEFAULT_TRACE.is_file(), reason=f"needs the Azure trace at {DEFAULT_TRACE}")
 
 
 def test_simulator_tracks_a_real_cluster(ray_cluster) -> None:

@@ -7,11 +7,13 @@ import concurrent.futures
 import logging
 import queue
 import threading
+import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import aclosing
 from typing import Any, TypeVar
 
 from workers.engine.engine import Engine
+from workers.engine.errors import EngineDeadError, InvalidRequestError, RequestFailedError
 from workers.engine.kv_transfer import KVExport
 from workers.engine.request import RequestOutput
 from workers.engine.sampling_params import SamplingParams
@@ -21,10 +23,6 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 _IDLE_WAIT_S = 0.05
-
-
-class EngineDeadError(RuntimeError):
-    """The engine's step loop crashed; the request cannot finish."""
 
 
 class AsyncEngine:
@@ -38,12 +36,14 @@ class AsyncEngine:
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
-        self._commands: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self._commands: queue.SimpleQueue[tuple[Callable[[], None], concurrent.futures.Future]] = queue.SimpleQueue()
         self._wakeup = threading.Event()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._handoffs: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Future]] = {}
         self._stopped = threading.Event()
         self._error: BaseException | None = None
+        self._progress_at = time.monotonic()
+        """When the loop last finished a step or an idle wait: how liveness tells a stuck loop from a busy one."""
         self._thread = threading.Thread(target=self._loop, name="raylane-engine", daemon=True)
         self._thread.start()
 
@@ -60,9 +60,22 @@ class AsyncEngine:
 
         if self._error is not None:
             raise EngineDeadError(f"the engine loop died: {self._error!r}")
-        self._commands.put(run)
+        self._commands.put((run, future))
         self._wakeup.set()
+        if self._error is not None:  # the loop died while this was queued: nobody else will answer it
+            self._fail_commands()
         return future
+
+    def check_alive(self, stall_timeout_s: float) -> None:
+        """Raise `EngineDeadError` unless the step loop runs and finished a step or an idle wait within
+        `stall_timeout_s` (a slow step is still progress; a loop that crashed or hangs is not)."""
+        if self._error is not None:
+            raise EngineDeadError(f"the engine loop died: {self._error!r}")
+        if not self._thread.is_alive():
+            raise EngineDeadError("the engine loop is not running")
+        stalled_s = time.monotonic() - self._progress_at
+        if stalled_s > stall_timeout_s:
+            raise EngineDeadError(f"the engine loop made no progress for {stalled_s:.0f}s")
 
     async def acall(self, fn: Callable[[Engine], T]) -> T:
         return await asyncio.wrap_future(self.call(fn))
@@ -202,6 +215,8 @@ class AsyncEngine:
         try:
             while not finished:
                 item = await stream.get()
+                if isinstance(item, InvalidRequestError):
+                    raise item
                 if isinstance(item, BaseException):
                     raise EngineDeadError(f"the engine loop died: {item!r}") from item
                 finished = item.finished
@@ -246,12 +261,16 @@ class AsyncEngine:
                 if not self.engine.has_unfinished():
                     self._wakeup.wait(_IDLE_WAIT_S)
                     self._wakeup.clear()
+                    self._progress_at = time.monotonic()
                     continue
                 for output in self.engine.step():
                     self._publish(output)
+                self._progress_at = time.monotonic()
         except BaseException as exc:
-            logger.exception("engine loop died")
+            # Loud, and for good: callers and health checks see EngineDeadError, and the worker is replaced.
+            logger.exception("engine loop died error=%s", type(exc).__name__)
             self._error = exc
+            self._fail_commands()
             for loop, stream in self._streams.values():
                 _notify(loop, stream.put_nowait, exc)
             self._streams.clear()
@@ -263,12 +282,25 @@ class AsyncEngine:
     def _drain_commands(self) -> None:
         while True:
             try:
-                command = self._commands.get_nowait()
+                command, _ = self._commands.get_nowait()
             except queue.Empty:
                 return
             command()
 
+    def _fail_commands(self) -> None:
+        dead = EngineDeadError(f"the engine loop died: {self._error!r}")
+        while True:
+            try:
+                _, future = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            if future.set_running_or_notify_cancel():
+                future.set_exception(dead)
+
     def _publish(self, output: RequestOutput) -> None:
+        if output.error:
+            self._fail_request(output)
+            return
         if output.request_id in self._handoffs:
             self._hand_off(output)
             return
@@ -281,6 +313,15 @@ class AsyncEngine:
         loop, stream = target
         if not _notify(loop, stream.put_nowait, output):
             self._drop(output.request_id)
+
+    def _fail_request(self, output: RequestOutput) -> None:
+        error = RequestFailedError(f"request {output.request_id!r} failed: {output.error}")
+        target = self._streams.pop(output.request_id, None)
+        if target is not None:
+            _notify(target[0], target[1].put_nowait, error)
+        handoff = self._handoffs.pop(output.request_id, None)
+        if handoff is not None:
+            _notify(handoff[0], _settle, handoff[1], error)
 
     def _hand_off(self, output: RequestOutput) -> None:
         # Runs on the loop thread between steps: the KV is copied before the next step could touch it.

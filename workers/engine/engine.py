@@ -25,7 +25,7 @@ from workers.engine.loader import load_model
 from workers.engine.lora import LoRAManager, token_slots
 from workers.engine.model_runner import ModelRunner, allocate_kv_cache, build_step_inputs, num_blocks_for_budget
 from workers.engine.request import Request, RequestOutput, RequestStatus
-from workers.engine.sampler import sample, token_generator
+from workers.engine.sampler import sample, sample_each, token_generator
 from workers.engine.sampling_params import SamplingParams
 from workers.engine.scheduler import ScheduledRequest, Scheduler, SchedulerConfig
 from workers.engine.tokenizer import Tokenizer
@@ -63,6 +63,10 @@ class EngineStats:
     """Registered adapters sitting in a slot now."""
     num_adapter_slots: int = 0
     """Adapter slots (`max_loras`); 0 without LoRA support."""
+    num_prefix_cache_queries: int = 0
+    """Prompt tokens looked up in the prefix cache since start (recomputes included)."""
+    num_prefix_cache_hits: int = 0
+    """Of those, tokens served from the cache."""
 
 
 @dataclass
@@ -263,10 +267,11 @@ class Engine:
             return []
         inputs = build_step_inputs(scheduled.scheduled, block_size=self.config.block_size)
         logits = self.runner.execute(inputs, self._lora_slots(scheduled.scheduled))
-        sampled = self._sample(logits, inputs.sampling_request_ids)
+        sampled, failed = self._sample(logits, inputs.sampling_request_ids)
+        failed_outputs = [self._fail(request_id, error) for request_id, error in failed.items()]
         updates = self.scheduler.update_from_output(scheduled, {rid: tok for rid, (tok, _) in sampled.items()})
         now = time.monotonic()
-        outputs = [self._make_output(request, new_ids, sampled) for request, new_ids in updates]
+        outputs = [self._make_output(request, new_ids, sampled) for request, new_ids in updates] + failed_outputs
         num_new = sum(len(o.new_token_ids) for o in outputs)
         if num_new:
             self._token_times.append((now, num_new))
@@ -435,6 +440,8 @@ class Engine:
             num_preemptions=self.scheduler.num_preemptions,
             num_pending_prefill_tokens=self.scheduler.num_pending_prefill_tokens,
             prefix_cache_hit_rate=self.scheduler.prefix_cache_hit_rate,
+            num_prefix_cache_queries=self.scheduler.num_prefix_cache_queries,
+            num_prefix_cache_hits=self.scheduler.num_prefix_cache_hits,
             expert_counts=expert_counts,
             lora_adapters=self.list_loras(),
             resident_adapters=[] if self.lora is None else self.lora.resident_adapters(),
@@ -537,9 +544,12 @@ class Engine:
         per_request = [slot_of.get(s.request.lora_id, -1) if s.request.lora_id else -1 for s in scheduled]
         return token_slots(per_request, [s.num_new_tokens for s in scheduled])
 
-    def _sample(self, logits: torch.Tensor, request_ids: list[str]) -> dict[str, tuple[int, dict[int, float] | None]]:
+    def _sample(
+        self, logits: torch.Tensor, request_ids: list[str]
+    ) -> tuple[dict[str, tuple[int, dict[int, float] | None]], dict[str, str]]:
+        """The sampled token (and logprobs) per request, and the error of each request whose sampling failed."""
         if not request_ids:
-            return {}
+            return {}, {}
         requests = [self.scheduler.get_request(rid) for rid in request_ids]
         params = [r.sampling_params for r in requests]
         # Index of the token each request samples now: a seeded draw depends on (seed, index) only.
@@ -547,8 +557,33 @@ class Engine:
             None if p.is_greedy or p.seed is None else token_generator(p.seed, r.num_output_tokens)
             for r, p in zip(requests, params, strict=True)
         ]
-        out = sample(logits, params, generators)
-        return {rid: (tok, lp) for rid, tok, lp in zip(request_ids, out.token_ids, out.logprobs, strict=True)}
+        try:
+            out, failures = sample(logits, params, generators), {}
+        except Exception:
+            # Sampled again row by row: a request whose values break the sampler must not fail the whole batch.
+            out, failures = sample_each(logits, params, generators)
+        failed = {request_ids[i]: f"sampling failed: {type(exc).__name__}: {exc}" for i, exc in failures.items()}
+        sampled = {
+            rid: (tok, lp)
+            for rid, tok, lp in zip(request_ids, out.token_ids, out.logprobs, strict=True)
+            if rid not in failed
+        }
+        return sampled, failed
+
+    def _fail(self, request_id: str, error: str) -> RequestOutput:
+        """Abort one request the step could not serve; its output carries `error` to its caller."""
+        request = self.scheduler.get_request(request_id)
+        output_token_ids = [] if request is None else list(request.output_token_ids)
+        self.release(request_id)
+        logger.warning("request failed alone request_id=%s error=%s", request_id, error)
+        return RequestOutput(
+            request_id=request_id,
+            new_token_ids=[],
+            output_token_ids=output_token_ids,
+            finished=True,
+            finish_reason="abort",
+            error=error,
+        )
 
     def _make_output(
         self, request: Request, new_ids: list[int], sampled: dict[str, tuple[int, dict[int, float] | None]]

@@ -27,3 +27,14 @@ class DuplicateRequestError(InvalidRequestError):
 
 class UnknownRequestError(InvalidRequestError):
     """No request with this id is in the engine."""
+
+
+class RequestFailedError(InvalidRequestError):
+    """The engine failed this request alone while serving it (e.g. its sampling raised); the rest keep running."""
+
+
+class EngineDeadError(RuntimeError):
+    """The engine's step loop crashed or stopped making progress; none of its requests can finish.
+
+    Not an `InvalidRequestError`: the request was fine, the worker was not. Callers treat the worker as lost.
+    """

@@ -93,3 +93,6 @@ class RequestOutput:
     num_cached_tokens: int = 0
     migrated_to: str = ""
     """Set on the last output of a request that moved to another worker (`finished`, no `finish_reason`)."""
+    error: str = ""
+    """Set on the last output of a request the engine failed alone (e.g. its sampling raised): its caller gets
+    an error, not a normal end."""

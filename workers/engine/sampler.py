@@ -72,6 +72,29 @@ def sample(
     return SamplerOutput(token_ids=ids, logprobs=logprobs)
 
 
+def sample_each(
+    logits: torch.Tensor,
+    params: Sequence[SamplingParams],
+    generators: Sequence[torch.Generator | None],
+) -> tuple[SamplerOutput, dict[int, Exception]]:
+    """`sample` row by row, for a batch whose `sample` raised: returns the rows that worked and each failed row's
+    error, so one request's bad values fail that request alone (its token id is -1)."""
+    token_ids: list[int] = []
+    logprobs: list[dict[int, float] | None] = []
+    failures: dict[int, Exception] = {}
+    for i in range(logits.shape[0]):
+        try:
+            row = sample(logits[i : i + 1], [params[i]], [generators[i]])
+        except Exception as exc:  # the caller fails this row's request
+            failures[i] = exc
+            token_ids.append(-1)
+            logprobs.append(None)
+            continue
+        token_ids.extend(row.token_ids)
+        logprobs.extend(row.logprobs)
+    return SamplerOutput(token_ids=token_ids, logprobs=logprobs), failures
+
+
 def _filtered_probs(logits: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
     """Temperature, then top-k and top-p masks, applied to all random rows at once."""
     temperature = torch.tensor([p.temperature for p in params], dtype=logits.dtype)

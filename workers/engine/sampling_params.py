@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from workers.engine.errors import InvalidSamplingParamsError
@@ -35,6 +36,10 @@ class SamplingParams:
     def __post_init__(self) -> None:
         if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 1:
             raise InvalidSamplingParamsError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
+        for name in ("temperature", "top_p"):
+            # NaN passes every comparison below, then poisons the sampler; infinity is no better.
+            if not math.isfinite(getattr(self, name)):
+                raise InvalidSamplingParamsError(f"{name} must be a finite number, got {getattr(self, name)}")
         if self.temperature < 0:
             raise InvalidSamplingParamsError(f"temperature must be >= 0, got {self.temperature}")
         if self.top_k < 0:

@@ -56,6 +56,11 @@ PRESETS: dict[str, dict[str, Any]] = {
 SPECIAL_TOKENS = ("<unk>", "<s>", "</s>")
 """Special tokens, ids 0, 1, 2 in every tiny tokenizer."""
 BOS_TOKEN_ID, EOS_TOKEN_ID = 1, 2
+TINY_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}<|{{ message['role'] }}|>\n{{ message['content'] }}{{ eos_token }}\n"
+    "{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+"""A Zephyr-style chat template (written to tokenizer_config.json), so the OpenAI chat endpoint works on tiny models."""
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -264,6 +269,7 @@ def make_tiny_model(
         "pad_token": SPECIAL_TOKENS[0],
         "model_max_length": config.max_position_embeddings,
         "clean_up_tokenization_spaces": False,
+        "chat_template": TINY_CHAT_TEMPLATE,
     }
     (out / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2))
     generation_config = {"bos_token_id": BOS_TOKEN_ID, "eos_token_id": EOS_TOKEN_ID}

@@ -16,12 +16,21 @@ from tokenizers import Tokenizer as HFTokenizer
 class Tokenizer:
     """encode/decode plus the special-token facts the engine needs. No `transformers` at runtime."""
 
-    def __init__(self, tokenizer: HFTokenizer, *, eos_token_ids: tuple[int, ...], bos_token_id: int | None) -> None:
+    def __init__(
+        self,
+        tokenizer: HFTokenizer,
+        *,
+        eos_token_ids: tuple[int, ...],
+        bos_token_id: int | None,
+        chat_template: str | None = None,
+    ) -> None:
         self._tokenizer = tokenizer
         self.eos_token_ids = eos_token_ids
         """Tokens that end generation; empty when the folder names none."""
         self.bos_token_id = bos_token_id
         """Beginning-of-sequence token, if the folder names one."""
+        self.chat_template = chat_template
+        """The jinja2 chat template of `tokenizer_config.json`, if the folder has one."""
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> Tokenizer:
@@ -48,7 +57,13 @@ class Tokenizer:
             return ()
 
         bos = resolve("bos_token")
-        return cls(tokenizer, eos_token_ids=resolve("eos_token"), bos_token_id=bos[0] if bos else None)
+        template = token_strings.get("chat_template")
+        return cls(
+            tokenizer,
+            eos_token_ids=resolve("eos_token"),
+            bos_token_id=bos[0] if bos else None,
+            chat_template=template if isinstance(template, str) else None,
+        )
 
     @property
     def vocab_size(self) -> int:
@@ -62,6 +77,10 @@ class Tokenizer:
     def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
         """Text of `token_ids`."""
         return self._tokenizer.decode(token_ids, skip_special_tokens=skip_special_tokens)
+
+    def id_to_token(self, token_id: int) -> str | None:
+        """The vocabulary string of a token id (e.g. `<s>`), or None if out of range."""
+        return self._tokenizer.id_to_token(token_id)
 
     def token_to_id(self, token: str) -> int | None:
         """Id of a token string, or None if the vocabulary lacks it."""

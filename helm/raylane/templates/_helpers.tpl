@@ -77,6 +77,11 @@ raylane.io/ray-node: "true"
 {{- end -}}
 {{- end -}}
 
+{{/* The Secret holding the admin token: the one named, or the one the chart generates. */}}
+{{- define "raylane.adminTokenSecretName" -}}
+{{- default (printf "%s-admin-token" (include "raylane.fullname" .)) .Values.adminAuth.existingSecret -}}
+{{- end -}}
+
 {{/* Redis: "<host>:<port>" and the URL (without credentials) the control plane uses. */}}
 {{- define "raylane.redisServiceName" -}}
 {{- printf "%s-redis" (include "raylane.fullname" .) -}}

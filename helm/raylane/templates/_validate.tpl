@@ -1,7 +1,7 @@
 {{/* Checks values.schema.json cannot express; each failure names the value and what to change. */}}
 {{- define "raylane.validate" -}}
-{{- if .Values.router.http.enabled }}
-{{- fail "router.http.enabled: the router's HTTP front is not implemented yet; leave it false and use gRPC on router.port" }}
+{{- if and .Values.router.http.enabled (eq (int .Values.router.http.port) (int .Values.router.port)) }}
+{{- fail "router.http.port: the HTTP API needs its own port; it equals router.port (gRPC)" }}
 {{- end }}
 {{- if not (or .Values.redis.enabled .Values.externalRedis.url) }}
 {{- fail "Redis: set redis.enabled=true (the bundled StatefulSet) or externalRedis.url=redis://host:6379/0" }}
