@@ -17,10 +17,13 @@ import redis
 
 from control_plane import convert
 from control_plane.admin_auth import redact_url
+from control_plane.audit import ADMIN_PRINCIPAL, AUDITED_CALLS, AuditLog
 from control_plane.controller import Controller, PoolInfo
 from control_plane.spec import SpecError
 from control_plane.state import AlreadyExistsError, ConflictError, NotFoundError, StateError
 from protos.raylane.v1 import control_pb2, control_pb2_grpc
+from router.auth_limit import peer_host
+from router.servicer import MALFORMED, tolerant_parser
 from workers.messages import MigrationReport
 
 logger = logging.getLogger(__name__)
@@ -33,6 +36,10 @@ _STATUS: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
     (StateError, grpc.StatusCode.INVALID_ARGUMENT),
     (ValueError, grpc.StatusCode.INVALID_ARGUMENT),
 )
+DEFAULT_AUDIT_LIMIT = 50
+"""Audit entries `ListAuditEvents` returns when the request names no limit."""
+MAX_AUDIT_LIMIT = 10_000
+"""The most one `ListAuditEvents` returns (the log keeps as many)."""
 STATE_DOWN_RETRY_MS = 1000
 """Retry hint sent while the state store is unreachable (the control plane restarts an embedded one within ~1 s)."""
 
@@ -45,21 +52,38 @@ async def _abort_state_unavailable(context: grpc.aio.ServicerContext, method: st
 
 
 def _handled(method: Callable) -> Callable:
-    """Run the call's body in a thread and turn known errors into status codes; never leak a traceback."""
+    """Run the call's body in a thread and turn known errors into status codes; never leak a traceback. A mutating
+    call (`AUDITED_CALLS`) goes to the audit log with its outcome, whatever that is."""
+    describe = AUDITED_CALLS.get(method.__name__)
 
     @functools.wraps(method)
     async def wrapper(self: AdminServicer, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        if request is MALFORMED:
+            logger.info("admin call refused method=%s status=INVALID_ARGUMENT reason=unparsable body", method.__name__)
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{method.__name__}: the request body does not parse")
+        outcome, response = grpc.StatusCode.CANCELLED.name, None
         try:
-            return await asyncio.to_thread(method, self, request)
+            response = await asyncio.to_thread(method, self, request)
+            outcome = "OK"
+            return response
         except (redis.ConnectionError, redis.TimeoutError) as exc:
+            outcome = grpc.StatusCode.UNAVAILABLE.name
             await _abort_state_unavailable(context, method.__name__, exc)
         except Exception as exc:
             code = next((c for cls, c in _STATUS if isinstance(exc, cls)), None)
+            outcome = (code or grpc.StatusCode.INTERNAL).name
             if code is None:
                 logger.exception("admin call failed method=%s", method.__name__)
                 await context.abort(grpc.StatusCode.INTERNAL, f"{method.__name__} failed: {type(exc).__name__}")
             logger.info("admin call refused method=%s status=%s reason=%s", method.__name__, code.name, exc)
             await context.abort(code, str(exc))
+        finally:
+            if describe is not None:
+                details = describe(request, response)
+                peer = peer_host(context.peer() or "")
+                await asyncio.to_thread(
+                    self.audit.record, method.__name__, peer=peer, principal=ADMIN_PRINCIPAL, outcome=outcome, **details
+                )
 
     return wrapper
 
@@ -104,6 +128,22 @@ def migration_to_proto(report: MigrationReport) -> control_pb2.MigrationResult:
     )
 
 
+def add_admin_servicer(servicer: AdminServicer, server: grpc.aio.Server) -> None:
+    """`add_ControlPlaneServicer_to_server`, except that unparsable request bytes reach the method as `MALFORMED`
+    (so they get INVALID_ARGUMENT, not grpc's UNKNOWN naming the parser's exception)."""
+    service = control_pb2.DESCRIPTOR.services_by_name["ControlPlane"]
+    handlers = {
+        m.name: grpc.unary_unary_rpc_method_handler(
+            getattr(servicer, m.name),
+            request_deserializer=tolerant_parser(getattr(control_pb2, m.input_type.name).FromString),
+            response_serializer=getattr(control_pb2, m.output_type.name).SerializeToString,
+        )
+        for m in service.methods
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
+    server.add_registered_method_handlers(service.full_name, handlers)
+
+
 class AdminServicer(control_pb2_grpc.ControlPlaneServicer):
     """`addresses()` returns (admin address, router addresses, state URL) for ClusterStatus."""
 
@@ -111,6 +151,8 @@ class AdminServicer(control_pb2_grpc.ControlPlaneServicer):
         self.controller = controller
         self.store = controller.store
         self._addresses = addresses
+        self.audit = AuditLog(controller.store)
+        """Where mutating calls are recorded; the auth interceptor records refusals in it too."""
 
     @_handled
     def ApplyDeployment(self, request):
@@ -221,3 +263,22 @@ class AdminServicer(control_pb2_grpc.ControlPlaneServicer):
             num_remaining=report.num_remaining,
             stopped=report.stopped,
         )
+
+    @_handled
+    def ListAuditEvents(self, request):
+        limit = request.limit or DEFAULT_AUDIT_LIMIT
+        if limit > MAX_AUDIT_LIMIT:
+            raise ValueError(f"limit must be <= {MAX_AUDIT_LIMIT}, got {limit}")
+        return control_pb2.ListAuditEventsResponse(events=[audit_to_proto(e) for e in self.store.recent_audit(limit)])
+
+
+def audit_to_proto(entry: dict) -> control_pb2.AuditEvent:
+    fixed = ("ts", "action", "peer", "principal", "outcome")
+    return control_pb2.AuditEvent(
+        ts=float(entry.get("ts", 0.0)),
+        action=str(entry.get("action", "")),
+        peer=str(entry.get("peer", "")),
+        principal=str(entry.get("principal", "")),
+        outcome=str(entry.get("outcome", "")),
+        details={k: str(v) for k, v in entry.items() if k not in fixed},
+    )

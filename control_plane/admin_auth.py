@@ -1,23 +1,29 @@
 """The admin credential: where it comes from, and the server interceptor that demands it on every admin call.
 
 A tenant's API key never passes: only the one admin token does. The token is compared by its SHA-256
-digest in constant time, and never logged.
+digest in constant time, and never logged. Failed attempts count towards a per-address lockout and go to the
+audit log.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import logging
+import math
 import os
 import secrets
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import grpc
 
+from control_plane.audit import ADMIN_PRINCIPAL, AuditLog
 from control_plane.config import ControlPlaneConfig
+from router.auth_limit import AuthFailureLimiter, peer_host
 
 logger = logging.getLogger(__name__)
 
@@ -90,12 +96,19 @@ def _bearer(metadata: tuple[tuple[str, str | bytes], ...] | None) -> str | None:
 
 
 class AdminAuthInterceptor(grpc.aio.ServerInterceptor):
-    """Refuses (UNAUTHENTICATED) every call but health and reflection that lacks `authorization: Bearer <token>`."""
+    """Refuses (UNAUTHENTICATED) every call but health and reflection that lacks `authorization: Bearer <token>`.
 
-    def __init__(self, token: str) -> None:
+    With a `limiter`, an address that fails too often is refused (RESOURCE_EXHAUSTED, `retry-after-ms` trailer)
+    whatever it sends until its lockout ends; with an `audit` log, every refusal is recorded (a locked-out address's
+    wrong-token calls only in the log, so a flood cannot push real admin actions out of the stored log).
+    """
+
+    def __init__(self, token: str, *, limiter: AuthFailureLimiter | None = None, audit: AuditLog | None = None) -> None:
         if not token:
             raise ValueError("the admin token must not be empty")
         self._digest = token_digest(token)
+        self.limiter = limiter
+        self.audit = audit
 
     def is_authorized(self, metadata: tuple[tuple[str, str | bytes], ...] | None) -> bool:
         credential = _bearer(metadata)
@@ -108,19 +121,66 @@ class AdminAuthInterceptor(grpc.aio.ServerInterceptor):
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
         method = handler_call_details.method
-        if method.startswith(OPEN_SERVICE_PREFIXES) or self.is_authorized(handler_call_details.invocation_metadata):
+        if method.startswith(OPEN_SERVICE_PREFIXES):
             return await continuation(handler_call_details)
+        if self.is_authorized(handler_call_details.invocation_metadata):
+            handler = await continuation(handler_call_details)
+            if handler is None or handler.unary_unary is None or self.limiter is None:
+                return handler
+            return handler._replace(unary_unary=self._guarded(method, handler.unary_unary))
         has_credential = _bearer(handler_call_details.invocation_metadata) is not None
-        reason = "wrong credential" if has_credential else "no admin credential"
-        logger.warning("admin call refused method=%s status=UNAUTHENTICATED reason=%s", method, reason)
-        return _refuse(reason)
+        return self._refusal(method, "wrong-token" if has_credential else "none")
+
+    def _guarded(self, method: str, behavior: Callable) -> Callable:
+        """`behavior` behind the lockout: the right token does not lift a lockout its address earned."""
+
+        async def guarded(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            peer = peer_host(context.peer() or "")
+            await self._refuse_if_locked(context, method, peer, ADMIN_PRINCIPAL)
+            return await behavior(request, context)
+
+        return guarded
+
+    def _refusal(self, method: str, principal: str) -> grpc.RpcMethodHandler:
+        reason = "wrong credential" if principal == "wrong-token" else "no admin credential"
+        message = f"{reason}: admin calls need `authorization: Bearer <admin token>` (see <state_dir>/admin-token)"
+
+        # Every admin RPC is unary-unary; an unknown method gets the same answer, revealing nothing.
+        async def abort(request: bytes, context: grpc.aio.ServicerContext) -> None:
+            peer = peer_host(context.peer() or "")
+            await self._refuse_if_locked(context, method, peer, principal)
+            is_lockout = self.limiter is not None and self.limiter.record_failure(peer)
+            logger.warning(
+                "admin call refused method=%s peer=%s status=UNAUTHENTICATED reason=%s", method, peer, reason
+            )
+            await self._record(_short(method), peer, principal, "UNAUTHENTICATED")
+            if is_lockout:
+                await self._record("auth_lockout", peer, principal, "RESOURCE_EXHAUSTED")
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+
+        return grpc.unary_unary_rpc_method_handler(abort)
+
+    async def _refuse_if_locked(
+        self, context: grpc.aio.ServicerContext, method: str, peer: str, principal: str
+    ) -> None:
+        retry_after_s = self.limiter.retry_after_s(peer) if self.limiter is not None else None
+        if retry_after_s is None:
+            return
+        if principal == ADMIN_PRINCIPAL:  # the admin locked out is worth a stored entry; a guesser's flood is not
+            await self._record(_short(method), peer, principal, "RESOURCE_EXHAUSTED")
+        else:
+            logger.debug("admin call refused method=%s peer=%s status=RESOURCE_EXHAUSTED", method, peer)
+        context.set_trailing_metadata((("retry-after-ms", str(math.ceil(retry_after_s * 1000))),))
+        await context.abort(
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            f"too many failed admin authentications from {peer}; retry in {retry_after_s:.0f} s",
+        )
+
+    async def _record(self, action: str, peer: str, principal: str, outcome: str) -> None:
+        if self.audit is not None:
+            await asyncio.to_thread(self.audit.record, action, peer=peer, principal=principal, outcome=outcome)
 
 
-def _refuse(reason: str) -> grpc.RpcMethodHandler:
-    message = f"{reason}: admin calls need `authorization: Bearer <admin token>` (see <state_dir>/admin-token)"
-
-    # Every admin RPC is unary-unary; an unknown method gets the same answer, revealing nothing.
-    async def abort(request: bytes, context: grpc.aio.ServicerContext) -> None:
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
-
-    return grpc.unary_unary_rpc_method_handler(abort)
+def _short(method: str) -> str:
+    """`/raylane.v1.ControlPlane/IssueApiKey` -> `IssueApiKey`."""
+    return method.rpartition("/")[2] or method

@@ -107,6 +107,12 @@ class AdminClient:
         request = control_pb2.DrainRequest(worker_id=worker_id, scale_down=scale_down, timeout_s=timeout_s)
         return self._call(self._stub.Drain, request)
 
+    def audit_events(self, limit: int = 50) -> list[control_pb2.AuditEvent]:
+        """The newest `limit` admin-audit entries, oldest first (mutating calls and refused ones)."""
+        if limit < 1:
+            raise ValueError(f"limit must be >= 1, got {limit}")
+        return list(self._call(self._stub.ListAuditEvents, control_pb2.ListAuditEventsRequest(limit=limit)).events)
+
     def status(self) -> control_pb2.ClusterStatusResponse:
         return self._call(self._stub.ClusterStatus, control_pb2.ClusterStatusRequest())
 

@@ -11,7 +11,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from control_plane import cli_cluster
+from control_plane import cli_audit, cli_cluster
 
 app = typer.Typer(
     help="raylane: Ray-based orchestration for LLM clusters.",
@@ -103,6 +103,7 @@ def generate(
 
 
 cli_cluster.register(app)
+cli_audit.register(app)
 
 
 def _register_sim() -> None:

@@ -11,6 +11,7 @@ import dataclasses
 import json
 import logging
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated
 
@@ -130,6 +131,8 @@ def up(
         admin_address=info.admin_address,
         router_addresses=list(info.router_addresses),
         router_http_addresses=list(info.router_http_addresses),
+        metrics_address=info.metrics_address,
+        router_metrics_addresses=list(info.router_metrics_addresses),
         state_url=info.state_url,
         api_key=api_key,
         redis_pid=0 if cfg.redis_url else registered_pid(cfg.state_path / DATA_SUBDIR),
@@ -139,7 +142,15 @@ def up(
     console.print(f"[green]cluster up[/green] admin={info.admin_address} routers={routers_text}")
     if info.router_http_addresses:
         console.print(f"OpenAI-compatible HTTP: {', '.join(f'http://{a}/v1' for a in info.router_http_addresses)}")
+    console.print(f"metrics: {_metrics_text(info.metrics_address, info.router_metrics_addresses)}")
     console.print(f"state: {info.state_url}  cluster file: {path}")
+
+
+def _metrics_text(control_plane: str, routers: Sequence[str]) -> str:
+    """Where Prometheus scrapes this cluster (each router's HTTP front serves `/metrics` as well)."""
+    parts = [f"control plane http://{control_plane}/metrics"] if control_plane else []
+    parts += [f"router http://{a}/metrics" for a in routers]
+    return ", ".join(parts) or "off"
 
 
 def _read_deployments(folder: Path) -> list:
@@ -233,6 +244,7 @@ def status(state_dir: StateDir = Path(DEFAULT_STATE_DIR)) -> None:
     if cluster.router_addresses:  # routers run by `raylane router serve` print their own addresses
         http = ", ".join(f"http://{a}/v1" for a in cluster.router_http_addresses) or "off"
         out.print(f"OpenAI-compatible HTTP: {http}")
+    out.print(f"metrics: {_metrics_text(cluster.metrics_address, cluster.router_metrics_addresses)}")
 
 
 def deploy(

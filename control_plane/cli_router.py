@@ -23,6 +23,13 @@ def serve(
     http_port: Annotated[
         int, typer.Option(help="OpenAI-compatible HTTP port (/v1/completions, /v1/chat/completions); 0 turns it off.")
     ] = 8000,
+    metrics_port: Annotated[
+        int,
+        typer.Option(
+            help="Prometheus /metrics port of its own (the HTTP port serves /metrics too); 0 turns it off, -1 picks "
+            "a free one."
+        ),
+    ] = 9091,
     wait_for_ray: Annotated[float, typer.Option(help="Seconds to wait for Ray and the control plane.")] = 0,
     grace: Annotated[float, typer.Option(help="Seconds in-flight requests get to finish on SIGTERM.")] = 10.0,
     policy: Annotated[str, typer.Option(help="Routing policy (router/registry.py); `raylane` is the full one.")] = (
@@ -49,6 +56,7 @@ def serve(
             host=host,
             port=port,
             http_port=http_port,
+            metrics_port=metrics_port,
             policy=policy,
             admission=admission,
             tls_cert_file=tls_cert,
@@ -68,8 +76,10 @@ async def _serve(replica, grace_s: float) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     address = await replica.start()
-    http = f"http://{replica.http_address}/v1" if replica.http_address else "off"
-    console.print(f"[green]router serving[/green] {address} (OpenAI-compatible HTTP: {http})")
+    scheme = "https" if replica.config.tls_cert_file else "http"
+    http = f"{scheme}://{replica.http_address}/v1" if replica.http_address else "off"
+    metrics = f"http://{replica.metrics_address}/metrics" if replica.metrics_address else "off"
+    console.print(f"[green]router serving[/green] {address} (OpenAI-compatible HTTP: {http}; metrics: {metrics})")
     await stop.wait()
     console.print("stopping: letting in-flight requests finish")
     await replica.stop(grace_s=grace_s)

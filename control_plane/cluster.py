@@ -51,6 +51,10 @@ class ClusterFile:
     """A key of the `default` tenant, so `raylane generate` works out of the box (file mode 0600)."""
     router_http_addresses: list[str] = field(default_factory=list)
     """The routers' OpenAI-compatible HTTP fronts (`host:port`); empty when they are off."""
+    metrics_address: str = ""
+    """The control plane's Prometheus `/metrics` (`host:port`); empty when it is off."""
+    router_metrics_addresses: list[str] = field(default_factory=list)
+    """The routers' own `/metrics` ports (`host:port`); each HTTP front serves `/metrics` too."""
     ray_temp_dir: str = ""
     """Temp dir of the Ray head `up` started: `down` finds that head's processes by it. Empty: `up` joined one."""
     redis_pid: int = 0

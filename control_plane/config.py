@@ -10,6 +10,7 @@ from typing import Any
 
 import yaml
 
+from router.auth_limit import AuthLimitConfig
 from router.grpc_server import check_tls_files
 from router.http.ports import check_http_port
 from router.registry import DEFAULT_POLICY
@@ -35,10 +36,12 @@ class ControlPlaneConfig:
     router_port: int = 50051
     """Port of the first router; replica i listens on `router_port + i` (0 picks free ports)."""
     metrics_port: int = 9090
-    """Port of the control plane's Prometheus `/metrics` (on `admin_host`); 0 turns it off."""
+    """Port of the control plane's Prometheus `/metrics` (on `admin_host`); 0 turns it off, -1 picks a free one
+    (`ClusterInfo.metrics_address` says which)."""
     router_metrics_port: int = 9091
     """Port of the first router's Prometheus `/metrics` (on `router_host`); replica i uses `router_metrics_port + i`;
-    0 turns it off."""
+    0 turns it off, -1 picks free ports (`ClusterInfo.router_metrics_addresses`). Routers serve `/metrics` on their
+    HTTP port too."""
     router_http_port: int = 8000
     """Port of the first router's OpenAI-compatible HTTP API (on `router_host`); replica i uses `router_http_port + i`;
     0 turns it off, -1 picks free ports."""
@@ -66,16 +69,24 @@ class ControlPlaneConfig:
     """PEM certificate (chain) for the admin and router ports; with `tls_key_file` they speak only TLS."""
     tls_key_file: str | None = None
     """PEM private key matching `tls_cert_file`."""
+    auth_max_failures: int = 10
+    """Failed authentications from one address within `auth_failure_window_s` that lock it out (RESOURCE_EXHAUSTED
+    with a retry hint, whatever it sends, for `auth_failure_window_s`): on the admin API, and on each router's gRPC
+    and HTTP ports together. 0 turns the lockout off."""
+    auth_failure_window_s: float = 60.0
+    """The window failed authentications are counted over, and how long a lockout lasts."""
 
     def __post_init__(self) -> None:
         # Absolute now, in the caller's directory: the actor that uses it runs elsewhere.
         object.__setattr__(self, "state_dir", str(Path(self.state_dir).expanduser().absolute()))
-        for name in ("admin_port", "router_port", "metrics_port", "router_metrics_port"):
+        for name in ("admin_port", "router_port"):
             port = getattr(self, name)
             # bool is an int subclass, but `admin_port: true` in YAML is a typo, not port 1.
             if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port < 65536:
                 raise ValueError(f"{name} must be an integer in [0, 65535], got {port!r}")
-        check_http_port("router_http_port", self.router_http_port)
+        # 0 already means off for these, so -1 picks a free port, as for the HTTP front.
+        for name in ("router_http_port", "metrics_port", "router_metrics_port"):
+            check_http_port(name, getattr(self, name))
         if isinstance(self.num_routers, bool) or not isinstance(self.num_routers, int) or self.num_routers < 0:
             raise ValueError(f"num_routers must be an integer >= 0, got {self.num_routers!r}")
         if self.reconcile_interval_s <= 0:
@@ -89,6 +100,10 @@ class ControlPlaneConfig:
         if self.router_max_failovers < 0:
             raise ValueError(f"router_max_failovers must be >= 0, got {self.router_max_failovers}")
         check_tls_files(self.tls_cert_file, self.tls_key_file)
+        self.auth_limit_config()
+
+    def auth_limit_config(self) -> AuthLimitConfig:
+        return AuthLimitConfig(max_failures=self.auth_max_failures, window_s=self.auth_failure_window_s)
 
     @property
     def state_path(self) -> Path:

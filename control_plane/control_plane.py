@@ -20,7 +20,7 @@ import grpc
 import ray
 
 from control_plane import metrics as control_plane_metrics_module
-from control_plane.admin import AdminServicer
+from control_plane.admin import AdminServicer, add_admin_servicer
 from control_plane.admin_auth import AdminAuthInterceptor, admin_token_for
 from control_plane.adoption import answers, find_actor, kill_and_release, load_admin_port, save_admin_address
 from control_plane.config import ControlPlaneConfig
@@ -29,9 +29,10 @@ from control_plane.learned_state import load_learned, save_learned
 from control_plane.metrics import process_metrics as control_plane_metrics
 from control_plane.redis_server import EmbeddedRedis, connect, stop_orphan
 from control_plane.spec import TenantSpec
-from protos.raylane.v1 import control_pb2, control_pb2_grpc
+from protos.raylane.v1 import control_pb2
+from router.auth_limit import AuthFailureLimiter, auth_limit_metrics
 from router.grpc_server import start_grpc_server
-from router.http.ports import replica_http_port
+from router.http.ports import HTTP_FREE_PORT, HTTP_OFF, replica_http_port
 from router.metrics import MetricsServer, serve_metrics
 from router.server import CONTROL_PLANE_ACTOR, NAMESPACE, RouterActor, RouterConfig, RoutingState
 
@@ -47,6 +48,10 @@ class ClusterInfo:
     state_url: str
     router_http_addresses: tuple[str, ...] = ()
     """The routers' OpenAI-compatible HTTP fronts (`host:port`); empty when `router_http_port` turns them off."""
+    metrics_address: str = ""
+    """The control plane's Prometheus `/metrics` (`host:port`); empty when `metrics_port` turns it off."""
+    router_metrics_addresses: tuple[str, ...] = ()
+    """The routers' own `/metrics` ports (`host:port`); empty when `router_metrics_port` turns them off."""
 
 
 def router_name(index: int) -> str:
@@ -67,6 +72,7 @@ class ControlPlane:
         self._routers: list[Any] = []
         self._loop_task: asyncio.Task | None = None
         self._supervisor_task: asyncio.Task | None = None
+        self._router_task: asyncio.Task | None = None
         self._metrics_server: MetricsServer | None = None
         self._start_lock = asyncio.Lock()
         self.info: ClusterInfo | None = None
@@ -113,40 +119,60 @@ class ControlPlane:
         self.controller = controller
         admin_address = await self._start_admin(await asyncio.to_thread(load_admin_port, store))
         await asyncio.to_thread(save_admin_address, store, admin_address)
-        if self.config.metrics_port:  # 0: off
-            self._metrics_server = serve_metrics(
-                # Through the module: Ray pickles this actor class by value, and a registry (it holds a lock) cannot be.
-                control_plane_metrics_module.REGISTRY,
-                self.config.admin_host,
-                self.config.metrics_port,
-                what="control_plane",
-            )
+        metrics_address = self._start_metrics()
         router_addresses = await self._start_routers()
-        http_addresses = await asyncio.gather(*(router.http_address.remote() for router in self._routers))
+        described = await asyncio.gather(*(router.describe.remote() for router in self._routers))
         self.info = ClusterInfo(
             admin_address=admin_address,
             router_addresses=tuple(router_addresses),
             state_url=state_url,
-            router_http_addresses=tuple(address for address in http_addresses if address),
+            router_http_addresses=tuple(d["http_address"] for d in described if d["http_address"]),
+            metrics_address=metrics_address,
+            router_metrics_addresses=tuple(d["metrics_address"] for d in described if d["metrics_address"]),
         )
         self._loop_task = asyncio.create_task(self._reconcile_forever())
+        self._router_task = asyncio.create_task(self._supervise_routers_forever())
         if self._redis is not None:
             self._supervisor_task = asyncio.create_task(self._supervise_redis_forever(self._redis))
         store.append_event("control_plane_started", admin=admin_address)
         logger.info("control plane started admin=%s routers=%s state=%s", admin_address, router_addresses, state_url)
         return self.info
 
+    def _start_metrics(self) -> str:
+        """Serve this process's metrics on `metrics_port`; returns `host:port`, empty when off or the port is taken."""
+        if self.config.metrics_port == HTTP_OFF:
+            return ""
+        self._metrics_server = serve_metrics(
+            # Through the module: Ray pickles this actor class by value, and a registry (it holds a lock) cannot be.
+            control_plane_metrics_module.REGISTRY,
+            self.config.admin_host,
+            0 if self.config.metrics_port == HTTP_FREE_PORT else self.config.metrics_port,
+            what="control_plane",
+        )
+        if self._metrics_server is None:
+            return ""
+        host = ray.util.get_node_ip_address() if self.config.admin_host == "0.0.0.0" else self.config.admin_host
+        return f"{host}:{self._metrics_server.port}"
+
     async def _start_admin(self, previous_port: int) -> str:
         """Serve admin on the configured port, or (port 0) on the one a previous life picked, if it is free."""
         assert self.controller is not None
         servicer = AdminServicer(self.controller, self._addresses)
         # Checked before the servicer runs, so no admin call (nor its Redis work) happens unauthenticated.
-        auth = AdminAuthInterceptor(await asyncio.to_thread(admin_token_for, self.config))
+        auth = AdminAuthInterceptor(
+            await asyncio.to_thread(admin_token_for, self.config),
+            limiter=AuthFailureLimiter(
+                self.config.auth_limit_config(),
+                metrics=auth_limit_metrics(control_plane_metrics_module.REGISTRY),
+                surface="admin",
+            ),
+            audit=servicer.audit,
+        )
         ports = [self.config.admin_port] if self.config.admin_port or not previous_port else [previous_port, 0]
         for i, port in enumerate(ports):
             try:
                 self._admin_server, port = await start_grpc_server(
-                    lambda server: control_pb2_grpc.add_ControlPlaneServicer_to_server(servicer, server),
+                    lambda server: add_admin_servicer(servicer, server),
                     control_pb2.DESCRIPTOR.services_by_name["ControlPlane"].full_name,
                     self.config.admin_host,
                     port,
@@ -171,8 +197,9 @@ class ControlPlane:
         self._routers = [router for router, _ in started]  # in replica order, as the addresses are
         return [address for _, address in started]
 
-    async def _router(self, index: int) -> tuple[Any, str]:
-        """Replica `index`'s handle and gRPC address."""
+    async def _router(self, index: int, ports: tuple[int, int, int] | None = None) -> tuple[Any, str]:
+        """Replica `index`'s handle and gRPC address; `ports` (gRPC, HTTP, metrics) override the configured ones:
+        a replacement takes its predecessor's, so every address clients and scrapers hold stays good."""
         name = router_name(index)
         router = await asyncio.to_thread(find_actor, name) if self._is_restart else None
         address = None if router is None else await asyncio.to_thread(answers, router)
@@ -182,14 +209,16 @@ class ControlPlane:
         await asyncio.to_thread(kill_and_release, name)  # dead or hung: its name is needed for the new one
         config = RouterConfig(
             host=self.config.router_host,
-            port=self.config.router_port + index if self.config.router_port else 0,
+            port=ports[0] if ports else self.config.router_port + index if self.config.router_port else 0,
             policy=self.config.router_policy,
             admission=self.config.router_admission,
             max_failovers=self.config.router_max_failovers,
-            metrics_port=self.config.router_metrics_port + index if self.config.router_metrics_port else 0,
-            http_port=replica_http_port(self.config.router_http_port, index),
+            metrics_port=ports[2] if ports else replica_http_port(self.config.router_metrics_port, index),
+            http_port=ports[1] if ports else replica_http_port(self.config.router_http_port, index),
             tls_cert_file=self.config.tls_cert_file,
             tls_key_file=self.config.tls_key_file,
+            auth_max_failures=self.config.auth_max_failures,
+            auth_failure_window_s=self.config.auth_failure_window_s,
         )
         # Detached: a router serves on from its cached table while the control plane restarts.
         router = RouterActor.options(name=name, namespace=NAMESPACE, lifetime="detached").remote(
@@ -215,6 +244,32 @@ class ControlPlane:
             except Exception:  # reconcile_once guards its steps; this guards the guard
                 logger.exception("reconcile loop iteration failed")
             await asyncio.sleep(self.config.reconcile_interval_s)
+
+    async def _supervise_routers_forever(self) -> None:
+        """Start a dead router replica again on its old port, so the addresses clients hold stay good; never dies."""
+        while True:
+            await asyncio.sleep(self.config.reconcile_interval_s)
+            for index, router in enumerate(self._routers):
+                try:
+                    await asyncio.wait_for(router.ping.remote(), timeout=30)
+                except ray.exceptions.ActorDiedError:
+                    await self._replace_router(index)
+                except Exception:  # slow, unreachable or restarting is not dead: a loaded replica must stay
+                    logger.info("router did not answer a ping index=%d", index, exc_info=True)
+
+    async def _replace_router(self, index: int) -> None:
+        assert self.info is not None
+        ports = (
+            _port_of(self.info.router_addresses, index),
+            _port_of(self.info.router_http_addresses, index, off=HTTP_OFF),
+            _port_of(self.info.router_metrics_addresses, index, off=HTTP_OFF),
+        )
+        try:
+            self._routers[index], address = await self._router(index, ports=ports)
+        except Exception:  # e.g. the port is not free yet: the next pass tries again
+            logger.exception("router replacement failed index=%d ports=%s", index, ports)
+            return
+        logger.warning("router replaced name=%s address=%s", router_name(index), address)
 
     async def _supervise_redis_forever(self, embedded: EmbeddedRedis) -> None:
         """Restart the embedded Redis from its AOF whenever its process died; never dies itself."""
@@ -270,7 +325,7 @@ class ControlPlane:
 
     async def shutdown(self) -> None:
         """Stop everything the control plane started; desired state stays in Redis for the next `up`."""
-        for task in (self._loop_task, self._supervisor_task):
+        for task in (self._loop_task, self._supervisor_task, self._router_task):
             if task is not None:
                 task.cancel()  # the supervisor first of all: it would restart the Redis we stop below
         for router in self._routers:
@@ -297,3 +352,9 @@ class ControlPlane:
 def get_control_plane() -> Any:
     """The running control plane's handle (Ray must be initialised in namespace `raylane`)."""
     return ray.get_actor(CONTROL_PLANE_ACTOR, namespace=NAMESPACE)
+
+
+def _port_of(addresses: tuple[str, ...], index: int, off: int = 0) -> int:
+    """The port of `addresses[index]` (`host:port`); `off` when that listener is off (no address)."""
+    address = addresses[index] if index < len(addresses) else ""
+    return int(address.rsplit(":", 1)[1]) if address else off

@@ -11,6 +11,7 @@ import dataclasses
 import difflib
 import math
 import re
+import reprlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -21,6 +22,12 @@ ROLES = ("prefill", "decode", "mixed")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 TIERS = ("small", "large")
 NAME_PATTERN = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
+MAX_YAML_CHARS = 64 * 1024
+"""A spec is a few hundred bytes; PyYAML's scanner is quadratic in flow nesting (1 MB of `[` takes minutes)."""
+_VALUE_REPR = reprlib.Repr()
+"""Bounds a bad value quoted in an error: YAML aliases can make a small file a list of 10^9 items."""
+_VALUE_REPR.maxlevel, _VALUE_REPR.maxlist, _VALUE_REPR.maxdict = 2, 6, 6
+_VALUE_REPR.maxstring = _VALUE_REPR.maxother = 80
 
 
 class SpecError(ValueError):
@@ -48,7 +55,7 @@ def _join(prefix: str, path: str) -> str:
 
 
 def _describe(value: Any) -> str:
-    return f"{type(value).__name__} {value!r}"
+    return f"{type(value).__name__} {_VALUE_REPR.repr(value)}"
 
 
 def _check_int(path: str, value: Any, *, minimum: int) -> None:
@@ -435,8 +442,10 @@ class _StrictLoader(yaml.SafeLoader):
         seen: set[Any] = set()
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=deep)
+            line = key_node.start_mark.line + 1
+            if not isinstance(key, str | int | float | bool | None):  # `[a]: 1` parses; no spec has such keys
+                raise SpecError(f"line {line}", f"a key must be a plain value, got {type(key).__name__}")
             if key in seen:
-                line = key_node.start_mark.line + 1
                 raise SpecError(f"line {line}", f"duplicate key {key!r}")
             seen.add(key)
         return super().construct_mapping(node, deep=deep)
@@ -445,6 +454,8 @@ class _StrictLoader(yaml.SafeLoader):
 def _load_yaml(text: str) -> Any:
     if not isinstance(text, str):
         raise SpecError(f"YAML text must be a string, got {type(text).__name__}")
+    if len(text) > MAX_YAML_CHARS:
+        raise SpecError("YAML", f"document is {len(text)} characters; a deployment spec has at most {MAX_YAML_CHARS}")
     try:
         data = yaml.load(text, Loader=_StrictLoader)  # a SafeLoader subclass: no arbitrary objects
     except yaml.MarkedYAMLError as err:
@@ -453,6 +464,8 @@ def _load_yaml(text: str) -> Any:
         raise SpecError(where, f"invalid YAML: {err.problem or err.context}") from None
     except yaml.YAMLError as err:
         raise SpecError("YAML", f"invalid YAML: {err}") from None
+    except RecursionError:  # the parser recurses once per nesting level
+        raise SpecError("YAML", "nested too deeply to be a deployment") from None
     if data is None:
         raise SpecError("YAML", "document is empty; expected a deployment mapping")
     return data

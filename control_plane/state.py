@@ -9,6 +9,7 @@ Layout (all under the prefix, `raylane:` by default):
   key_ids              HASH    key id -> {"tenant", "hash"} JSON
   adapters             HASH    "<deployment>/<name>" -> AdapterSpec JSON
   events               LIST    event JSON, oldest first, capped at EVENT_LOG_CAP
+  audit                LIST    admin-call JSON (who, what, when, outcome), oldest first, capped at AUDIT_LOG_CAP
 
 Writes are optimistic: WATCH the keys involved and the version key, read, MULTI, write, INCR version,
 EXEC; a WatchError retries a few times, then raises ConflictError. Invariants kept by every write:
@@ -31,10 +32,13 @@ import redis
 from redis.client import Pipeline
 
 from control_plane.spec import AdapterSpec, DeploymentSpec, SpecError, TenantSpec
+from workers import faults
 
 logger = logging.getLogger(__name__)
 
 EVENT_LOG_CAP = 1000
+AUDIT_LOG_CAP = 10_000
+"""Admin calls kept; a list of its own, so reconcile events never push admin actions out (nor the reverse)."""
 KEY_PREFIX = "rl-"
 
 T = TypeVar("T")
@@ -95,6 +99,14 @@ def _dumps(obj: Any) -> str:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"))
 
 
+def _check_event_fields(fields: dict[str, Any]) -> None:
+    for key, value in fields.items():
+        if key in ("ts", "kind", "action") or isinstance(value, bool) or not isinstance(value, str | int | float):
+            raise StateError(
+                f"event field {key!r}: must be a str, int or float (and not named ts, kind or action), got {value!r}"
+            )
+
+
 def _adapter_field(deployment: str, name: str) -> str:
     # Names cannot contain '/', so the pair splits back unambiguously.
     return f"{deployment}/{name}"
@@ -121,6 +133,7 @@ class StateStore:
         self._k_key_ids = f"{p}key_ids"
         self._k_adapters = f"{p}adapters"
         self._k_events = f"{p}events"
+        self._k_audit = f"{p}audit"
 
     @classmethod
     def from_url(cls, url: str) -> StateStore:
@@ -160,6 +173,7 @@ class StateStore:
                     pipe.multi()
                     writer(pipe)
                     pipe.incr(self._k_version)
+                    faults.hit("state_write", redis.ConnectionError)
                     pipe.execute()
                     return result
                 except redis.WatchError:
@@ -507,14 +521,26 @@ class StateStore:
         """Append to the event log (capped at EVENT_LOG_CAP). Events are not state: the version stays."""
         if not isinstance(kind, str) or not kind:
             raise StateError(f"event kind must be a non-empty string, got {kind!r}")
-        for key, value in fields.items():
-            if key == "ts" or isinstance(value, bool) or not isinstance(value, str | int | float):
-                raise StateError(
-                    f"event field {key!r}: must be a str, int or float (and not named 'ts'), got {value!r}"
-                )
+        _check_event_fields(fields)
         with self._client.pipeline(transaction=True) as pipe:
             self._event(pipe, kind, **fields)
             pipe.execute()
+
+    def append_audit(self, action: str, **fields: str | int | float) -> None:
+        """Append one admin call to the audit log (capped at AUDIT_LOG_CAP); like events, not state."""
+        if not isinstance(action, str) or not action:
+            raise StateError(f"audit action must be a non-empty string, got {action!r}")
+        _check_event_fields(fields)
+        with self._client.pipeline(transaction=True) as pipe:
+            pipe.rpush(self._k_audit, _dumps({**fields, "ts": time.time(), "action": action}))
+            pipe.ltrim(self._k_audit, -AUDIT_LOG_CAP, -1)
+            pipe.execute()
+
+    def recent_audit(self, n: int = 50) -> list[dict]:
+        """The last `n` admin calls, oldest first; each has 'ts' (unix seconds), 'action' and its fields."""
+        if n <= 0:
+            return []
+        return [json.loads(_text(raw)) for raw in self._client.lrange(self._k_audit, -n, -1)]
 
     def recent_events(self, n: int = 50) -> list[dict]:
         """The last `n` events, oldest first; each has 'ts' (unix seconds), 'kind' and its fields."""

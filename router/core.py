@@ -347,8 +347,9 @@ class RouterCore:
 
         A key issued (or a deployment applied) a moment ago works on its first request instead of
         after the next periodic refresh. Requests that miss while a forced refresh is running wait for
-        that one; new forced refreshes are rate-limited, so a flood of bad keys cannot flood the
-        control plane.
+        that one; new forced refreshes start at most once per FORCED_REFRESH_INTERVAL_S (a miss in
+        between waits for the next one rather than failing: its key may postdate the last refresh), so
+        a flood of bad keys cannot flood the control plane.
         """
         try:
             tenant = self.authenticate(api_key)
@@ -357,17 +358,24 @@ class RouterCore:
             refresh = getattr(self.directory, "refresh_table", None)
             if not api_key or refresh is None:
                 raise
-            running = self._forced_refresh
-            if running is None or running.done():
-                now = time.monotonic()
-                if now - self._last_forced_refresh < FORCED_REFRESH_INTERVAL_S:
-                    raise
-                self._last_forced_refresh = now
-                running = self._forced_refresh = asyncio.ensure_future(refresh())
+        running = await self._forced_refresh_slot(refresh)
         # shield: one caller's cancellation must not cancel the refresh the others wait on.
         await asyncio.shield(running)
         tenant = self.authenticate(api_key)
         return (tenant, *self.prepare(tenant, inp))
+
+    async def _forced_refresh_slot(self, refresh) -> asyncio.Future:
+        """The running forced refresh, or a new one once the rate limit allows it."""
+        while True:
+            running = self._forced_refresh
+            if running is not None and not running.done():
+                return running
+            wait_s = self._last_forced_refresh + FORCED_REFRESH_INTERVAL_S - time.monotonic()
+            if wait_s <= 0:
+                self._last_forced_refresh = time.monotonic()
+                self._forced_refresh = asyncio.ensure_future(refresh())
+                return self._forced_refresh
+            await asyncio.sleep(wait_s)
 
     def _place(self, route: RouteRequest) -> Decision:
         return self._route(route, self._view())
@@ -442,9 +450,8 @@ class RouterCore:
         except NoCapacityError as exc:
             self.metrics.on_rejected("no_capacity", route.deployment, route.tenant)
             raise _NoCapacity(str(exc), retry_after_s=exc.retry_after_s) from None
-        self.metrics.on_routed(
-            self.policy.name, route.deployment, _DISAGGREGATED if decision.prefill_worker_id else _MIXED
-        )
+        roles = _DISAGGREGATED if decision.prefill_worker_id else _MIXED
+        self.metrics.on_routed(self.policy.name, route.deployment, roles, decision.deciding_terms)
         return decision
 
 

@@ -24,6 +24,7 @@ from typing import Any, Protocol
 
 from router.errors import Unavailable, WorkerLost
 from router.policy import Decision
+from workers import faults
 from workers.messages import GenerateCall, PrefillResult, TokenChunk, WorkerStats
 
 logger = logging.getLogger(__name__)
@@ -236,6 +237,7 @@ async def _stream(
     yield result.first
     if result.first.finished:
         return
+    await faults.hit_async("pd_handoff")
     handoff_start = time.perf_counter()
     first_decode = True
     async with aclosing(worker.decode(kv, call)) as chunks:

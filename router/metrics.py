@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -119,8 +119,10 @@ class RouterMetrics:
     def _init_routing_metrics(self, registry: CollectorRegistry) -> None:
         self.routing_decisions = Counter(
             "raylane_routing_decisions",
-            "Placements made by the routing policy, per pool role placed on (failover re-placements included).",
-            ("policy", "deployment", "pool"),
+            "Placements made by the routing policy, per pool role placed on (failover re-placements included), by "
+            "the policy term that most separated the chosen worker from the runner-up (only_candidate, tie, or "
+            "none for policies without terms).",
+            ("policy", "deployment", "pool", "term"),
             registry=registry,
         )
         self.admission_rejections = Counter(
@@ -149,10 +151,12 @@ class RouterMetrics:
             )
         return children
 
-    def on_routed(self, policy: str, deployment: str, roles: Iterable[str]) -> None:
-        """The policy placed a request of `deployment` on workers of `roles`."""
+    def on_routed(
+        self, policy: str, deployment: str, roles: Iterable[str], terms: Mapping[str, str] | None = None
+    ) -> None:
+        """The policy placed a request of `deployment` on workers of `roles`; `terms`: role -> deciding term."""
         for role in roles:
-            self.routing_decisions.labels(policy, deployment, role).inc()
+            self.routing_decisions.labels(policy, deployment, role, (terms or {}).get(role, "none")).inc()
 
     def on_rejected(self, reason: str, deployment: str, tenant: str) -> None:
         self.admission_rejections.labels(deployment, tenant, reason).inc()

@@ -112,6 +112,9 @@ class Decision:
     reason: str = ""
     scores: Mapping[str, float] = field(default_factory=dict)
     """Score of every candidate considered (lower is better)."""
+    deciding_terms: Mapping[str, str] = field(default_factory=dict)
+    """Per pool role placed on, the policy term that most separated the chosen worker from the runner-up:
+    `only_candidate` when it had no rival, `tie` when the worker id broke a tie; empty for policies without terms."""
 
 
 class NoCapacityError(RuntimeError):
@@ -397,13 +400,17 @@ class WeightedPolicy:
                 )
             parts = {w.worker_id: self._terms_for(req, w) for w in kept}
             totals = {wid: math.fsum(weight * value for _, weight, value in p) for wid, p in parts.items()}
-            chosen = min(kept, key=lambda w: (totals[w.worker_id], w.worker_id))
+            ranked = sorted(kept, key=lambda w: (totals[w.worker_id], w.worker_id))
+            chosen = ranked[0]
+            runner_up = parts[ranked[1].worker_id] if len(ranked) > 1 else None
+            deciders[role] = _deciding_term(parts[chosen.worker_id], runner_up)
             breakdowns[role] = "+".join(f"{n}={v:.3g}*{wt:g}" for n, wt, v in parts[chosen.worker_id])
             return chosen, totals
 
+        deciders: dict[str, str] = {}
         decision = place_by_role(request, view, pick, policy=self.name)
         detail = " ".join(f"{role}[{terms}]" for role, terms in breakdowns.items())
-        decision = dataclasses.replace(decision, reason=f"{decision.reason} {detail}")
+        decision = dataclasses.replace(decision, reason=f"{decision.reason} {detail}", deciding_terms=deciders)
         log_decision(self.name, request, decision)
         return decision
 
@@ -417,3 +424,14 @@ class WeightedPolicy:
                 raise ValueError(f"scorer {term.scorer.name!r} returned {value} for worker {worker.worker_id!r}")
             parts.append((term.scorer.name, term.weight, value))
         return parts
+
+
+def _deciding_term(
+    chosen: Sequence[tuple[str, float, float]], runner_up: Sequence[tuple[str, float, float]] | None
+) -> str:
+    """The term whose weighted score most favoured the winner over the runner-up (both lists in term order)."""
+    if runner_up is None:
+        return "only_candidate"
+    gaps = {name: weight * (rival - own) for (name, weight, own), (_, _, rival) in zip(chosen, runner_up, strict=True)}
+    name, gap = max(gaps.items(), key=lambda item: item[1], default=("tie", 0.0))
+    return name if gap > 0 else "tie"

@@ -19,11 +19,13 @@ import grpc
 import ray
 
 from router.admission import AdmissionConfig, AdmissionController
+from router.auth_limit import AuthFailureLimiter, AuthLimitConfig, auth_limit_metrics
 from router.core import RouterCore
 from router.dispatch import FailoverConfig, WorkerClient
 from router.errors import InvalidArgument, Unavailable, WorkerLost
 from router.grpc_server import check_tls_files
 from router.http.app import build_app
+from router.http.limits import HttpLimits
 from router.http.ports import HTTP_FREE_PORT, HTTP_OFF, check_http_port
 from router.http.server import HttpServer
 from router.length_predictor import LengthPredictor
@@ -79,8 +81,21 @@ class RouterConfig:
     """PEM certificate (chain) of the router's gRPC and HTTP ports; with `tls_key_file` they speak only TLS."""
     tls_key_file: str | None = None
     """PEM private key matching `tls_cert_file`."""
+    auth_max_failures: int = 10
+    """Failed authentications from one address within `auth_failure_window_s` (gRPC and HTTP together) that lock it
+    out: RESOURCE_EXHAUSTED / 429 with a retry hint, whatever key it sends, for `auth_failure_window_s`; 0: off."""
+    auth_failure_window_s: float = 60.0
+    """The window failed authentications are counted over, and how long a lockout lasts."""
+    http_max_body_bytes: int = 8 * 1024 * 1024
+    """Largest HTTP request body; larger ones get 413 before they are read."""
+    http_header_timeout_s: float = 10.0
+    """An HTTP connection whose request head has not fully arrived in this time is closed (slow clients)."""
+    http_body_timeout_s: float = 30.0
+    """An HTTP request body not fully arrived this long after its head gets 408 and its connection closed."""
 
     def __post_init__(self) -> None:
+        self.auth_limit_config()  # bad values fail here, at startup
+        self.http_limits()
         make_policy(self.policy)  # a typo fails here, at startup, with the list of names
         if not 0 <= self.port < 65536:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
@@ -95,6 +110,16 @@ class RouterConfig:
         if self.max_failovers < 0:
             raise ValueError(f"max_failovers must be >= 0, got {self.max_failovers}")
         check_tls_files(self.tls_cert_file, self.tls_key_file)
+
+    def auth_limit_config(self) -> AuthLimitConfig:
+        return AuthLimitConfig(max_failures=self.auth_max_failures, window_s=self.auth_failure_window_s)
+
+    def http_limits(self) -> HttpLimits:
+        return HttpLimits(
+            max_body_bytes=self.http_max_body_bytes,
+            header_timeout_s=self.http_header_timeout_s,
+            body_timeout_s=self.http_body_timeout_s,
+        )
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -216,6 +241,9 @@ class RayDirectory:
         self._tokenizers: dict[str, Any] = {}
         """Model path -> its tokenizer, or None where this process cannot load it (routing then uses text only)."""
         self._tokenizer_loads: dict[str, asyncio.Task] = {}
+        self._num_refreshes_started = 0
+        self._applied_refresh = 0
+        """The newest refresh whose answer is applied: an older one answering later must not undo it."""
 
     def table(self) -> RoutingTable:
         return self._state.table
@@ -278,7 +306,13 @@ class RayDirectory:
             task.cancel()
 
     async def refresh_table(self) -> None:
+        self._num_refreshes_started += 1
+        ticket = self._num_refreshes_started
         state: RoutingState = await self.control_plane.routing_state.remote()
+        if ticket < self._applied_refresh:
+            # A periodic refresh sent before a forced one (a key issued a moment ago) came back after it.
+            return
+        self._applied_refresh = ticket
         self._state = state
         clients = {}
         for wid, entry in state.workers.items():
@@ -392,6 +426,10 @@ class RouterReplica:
         )
         # Worker metrics come from the stats this router pulls anyway, read at scrape time.
         self.core.metrics.watch_workers(self.directory.latest_stats)
+        # One per replica, shared by its gRPC and HTTP ports: a lockout on one holds on the other.
+        self.auth_limit = AuthFailureLimiter(
+            config.auth_limit_config(), metrics=auth_limit_metrics(REGISTRY), surface="router"
+        )
         self._server: grpc.aio.Server | None = None
         self._http: HttpServer | None = None
         self._metrics_server: MetricsServer | None = None
@@ -406,7 +444,7 @@ class RouterReplica:
         """Pull the routing state, then serve; returns the address clients should use."""
         await self.directory.start()
         await self._load_predictor()
-        servicer = RouterServicer(self.core, count_tokens=_TokenCounter(self.directory))
+        servicer = RouterServicer(self.core, count_tokens=_TokenCounter(self.directory), auth_limit=self.auth_limit)
         self._server, port = await start_router_server(servicer, self.config)
         host = ray.util.get_node_ip_address() if self.config.host == "0.0.0.0" else self.config.host
         self.address = f"{host}:{port}"
@@ -417,13 +455,25 @@ class RouterReplica:
             self._metrics_server = serve_metrics(REGISTRY, self.config.host, port, what="router")
             self.metrics_address = f"{host}:{self._metrics_server.port}" if self._metrics_server else ""
         self._save_task = asyncio.create_task(_every(self.config.predictor_save_s, self.save_predictor))
-        logger.info("router started address=%s http=%s", self.address, self.http_address or "off")
+        logger.info(
+            "router started address=%s http=%s metrics=%s",
+            self.address,
+            self.http_address or "off",
+            self.metrics_address or "off",
+        )
         return self.address
 
     async def _start_http(self) -> int:
         """Serve the OpenAI-compatible API on this loop, over the same `RouterCore` as gRPC; returns the port."""
         port = 0 if self.config.http_port == HTTP_FREE_PORT else self.config.http_port
-        self._http = HttpServer(build_app(self.core, self.directory), host=self.config.host, port=port)
+        self._http = HttpServer(
+            build_app(self.core, self.directory, limits=self.config.http_limits(), auth_limit=self.auth_limit),
+            host=self.config.host,
+            port=port,
+            limits=self.config.http_limits(),
+            ssl_certfile=self.config.tls_cert_file,
+            ssl_keyfile=self.config.tls_key_file,
+        )
         return await self._http.start()
 
     async def _load_predictor(self) -> None:

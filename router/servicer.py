@@ -11,8 +11,9 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from protos.raylane.v1 import router_pb2, router_pb2_grpc
+from router.auth_limit import AuthFailureLimiter, lockout_error, peer_host
 from router.core import GenerateInput, RouterCore
-from router.errors import InvalidArgument, RouterError, Unavailable
+from router.errors import InvalidArgument, RouterError, Unauthenticated, Unavailable
 from router.grpc_server import start_grpc_server
 from workers.messages import TokenChunk
 
@@ -41,7 +42,7 @@ class _Malformed:
 MALFORMED = _Malformed()
 
 
-def _tolerant(parse: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
+def tolerant_parser(parse: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
     # grpc answers a deserializer's exception with UNKNOWN and the parser's name; bad bytes are bad input.
     def deserialize(data: bytes) -> Any:
         try:
@@ -62,17 +63,17 @@ def add_router_servicer(servicer: RouterServicer, server: grpc.aio.Server) -> No
     handlers = {
         "Generate": grpc.unary_stream_rpc_method_handler(
             servicer.Generate,
-            request_deserializer=_tolerant(router_pb2.GenerateRequest.FromString),
+            request_deserializer=tolerant_parser(router_pb2.GenerateRequest.FromString),
             response_serializer=router_pb2.TokenChunk.SerializeToString,
         ),
         "Complete": grpc.unary_unary_rpc_method_handler(
             servicer.Complete,
-            request_deserializer=_tolerant(router_pb2.GenerateRequest.FromString),
+            request_deserializer=tolerant_parser(router_pb2.GenerateRequest.FromString),
             response_serializer=router_pb2.CompleteResponse.SerializeToString,
         ),
         "CountTokens": grpc.unary_unary_rpc_method_handler(
             servicer.CountTokens,
-            request_deserializer=_tolerant(router_pb2.CountTokensRequest.FromString),
+            request_deserializer=tolerant_parser(router_pb2.CountTokensRequest.FromString),
             response_serializer=router_pb2.CountTokensResponse.SerializeToString,
         ),
     }
@@ -125,18 +126,36 @@ def to_proto(chunk: TokenChunk, num_output_tokens: int) -> router_pb2.TokenChunk
 class RouterServicer(router_pb2_grpc.RouterServicer):
     """Maps `RouterError`s to status codes (with a `retry-after-ms` trailer) and never leaks a traceback."""
 
-    def __init__(self, core: RouterCore, count_tokens=None) -> None:
+    def __init__(self, core: RouterCore, count_tokens=None, auth_limit: AuthFailureLimiter | None = None) -> None:
         self.core = core
         self._count_tokens = count_tokens
+        self.auth_limit = auth_limit
+        """Shared with the HTTP front: a peer that keeps failing authentication is refused on both."""
+
+    def _admit_peer(self, context: grpc.aio.ServicerContext) -> str:
+        """The caller's address; a locked-out one is refused (RESOURCE_EXHAUSTED) whatever key it sends."""
+        peer = peer_host(context.peer() or "")
+        if self.auth_limit is not None:
+            refusal = lockout_error(self.auth_limit, peer)
+            if refusal is not None:
+                raise refusal
+        return peer
+
+    async def _refuse(self, context: grpc.aio.ServicerContext, peer: str, exc: RouterError) -> None:
+        if self.auth_limit is not None and isinstance(exc, Unauthenticated):
+            self.auth_limit.record_failure(peer)
+        await _abort(context, exc)
 
     async def Generate(self, request, context) -> AsyncIterator[router_pb2.TokenChunk]:
         num_tokens = 0
+        peer = ""
         try:
+            peer = self._admit_peer(context)
             async for chunk in self.core.generate(api_key_from(context), to_input(request)):
                 num_tokens += len(chunk.token_ids)
                 yield to_proto(chunk, num_tokens)
         except RouterError as exc:
-            await _abort(context, exc)
+            await self._refuse(context, peer, exc)
         except Exception:
             logger.exception("Generate failed")
             await _abort(context, Unavailable("internal router error; retry", retry_after_s=1.0))
@@ -145,7 +164,9 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         start = time.perf_counter()
         response = router_pb2.CompleteResponse()
         texts: list[str] = []
+        peer = ""
         try:
+            peer = self._admit_peer(context)
             async for chunk in self.core.generate(api_key_from(context), to_input(request)):
                 if not response.token_ids and chunk.token_ids:
                     response.ttft_ms = (time.perf_counter() - start) * 1e3
@@ -156,7 +177,7 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
                     response.finish_reason = chunk.finish_reason or ""
                     response.usage.CopyFrom(to_proto(chunk, len(response.token_ids)).usage)
         except RouterError as exc:
-            await _abort(context, exc)
+            await self._refuse(context, peer, exc)
         except Exception:
             logger.exception("Complete failed")
             await _abort(context, Unavailable("internal router error; retry", retry_after_s=1.0))
@@ -164,7 +185,9 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         return response
 
     async def CountTokens(self, request, context) -> router_pb2.CountTokensResponse:
+        peer = ""
         try:
+            peer = self._admit_peer(context)
             tenant = self.core.authenticate(api_key_from(context))
             _check_parsed(request, router_pb2.CountTokensRequest)
             if request.deployment not in self.core.directory.table().deployments:
@@ -175,7 +198,7 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
             logger.debug("count tokens tenant=%s deployment=%s tokens=%d", tenant, request.deployment, num)
             return router_pb2.CountTokensResponse(num_tokens=num)
         except RouterError as exc:
-            await _abort(context, exc)
+            await self._refuse(context, peer, exc)
 
 
 async def _abort(context: grpc.aio.ServicerContext, exc: RouterError) -> None:

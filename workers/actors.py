@@ -23,6 +23,7 @@ from dataclasses import dataclass, replace
 import ray
 import torch
 
+from workers import faults
 from workers.engine.async_engine import AsyncEngine
 from workers.engine.config import EngineConfig
 from workers.engine.engine import Engine
@@ -481,6 +482,7 @@ class LLMWorker:
         self._num_open_streams += 1
         try:
             async for output in outputs:
+                await faults.hit_async("worker_chunk")
                 # Ray tells the producer nothing when a consumer stops reading; a yield blocked on backpressure
                 # for too long is the only sign, so the request is aborted rather than holding blocks forever.
                 stall = loop.call_later(self.config.stream_stall_timeout_s, self._abort_stalled, request_id)

@@ -17,15 +17,18 @@ from collections.abc import AsyncIterator
 from typing import Any, Protocol
 
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
 from router import metrics
+from router.auth_limit import AuthFailureLimiter
 from router.core import GenerateInput, RouterCore
 from router.errors import InvalidArgument, NotFound, RouterError
 from router.http.chat import render_chat
 from router.http.errors import error_body, error_handlers, status_of
+from router.http.limits import EdgeGuard, HttpLimits
 from router.http.responses import (
     ChoiceState,
     ResponseShape,
@@ -220,8 +223,15 @@ class OpenAIFront:
         return await self.tokenizers.tokenizer(_tokenizer_deployment(self.core.directory.table(), deployment))
 
 
-def build_app(core: RouterCore, tokenizers: TokenizerSource) -> Starlette:
-    """The ASGI app of one router replica.
+def build_app(
+    core: RouterCore,
+    tokenizers: TokenizerSource,
+    *,
+    limits: HttpLimits | None = None,
+    auth_limit: AuthFailureLimiter | None = None,
+) -> Starlette:
+    """The ASGI app of one router replica; `EdgeGuard` bounds each body by `limits` and refuses peers `auth_limit`
+    (shared with the gRPC port) has locked out.
 
     Plain Starlette rather than FastAPI: the handlers validate their bodies themselves, which keeps FastAPI's
     per-request dependency machinery off the latency path.
@@ -234,7 +244,8 @@ def build_app(core: RouterCore, tokenizers: TokenizerSource) -> Starlette:
         Route("/metrics", front.metrics, methods=["GET"]),
         Route("/health", front.health, methods=["GET"]),
     ]
-    return Starlette(routes=routes, exception_handlers=error_handlers())
+    guard = Middleware(EdgeGuard, limits=limits or HttpLimits(), auth_limit=auth_limit)
+    return Starlette(routes=routes, exception_handlers=error_handlers(), middleware=[guard])
 
 
 # ---- helpers ------------------------------------------------------------------------------------

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import socket
 
 import uvicorn
 from starlette.types import ASGIApp
+
+from router.http.limits import GuardedH11Protocol, HttpLimits
 
 logger = logging.getLogger(__name__)
 
@@ -17,7 +20,8 @@ class HttpServer:
 
     The socket is bound here rather than by uvicorn: a busy port raises `OSError` to the caller instead of
     uvicorn's `sys.exit`, and port 0 binds a free port whose number `start` returns. uvicorn's signal handlers
-    are never installed: the process that runs the loop owns its signals.
+    are never installed: the process that runs the loop owns its signals. `limits` bounds each request head's size
+    and arrival time (the app's `EdgeGuard` bounds its body).
     """
 
     def __init__(
@@ -29,7 +33,9 @@ class HttpServer:
         grace_s: float = 10.0,
         ssl_certfile: str | None = None,
         ssl_keyfile: str | None = None,
+        limits: HttpLimits | None = None,
     ) -> None:
+        limits = limits or HttpLimits()
         self.config = uvicorn.Config(
             app,
             host=host,
@@ -41,6 +47,8 @@ class HttpServer:
             timeout_graceful_shutdown=int(grace_s) or 1,
             ssl_certfile=ssl_certfile,
             ssl_keyfile=ssl_keyfile,
+            http=functools.partial(GuardedH11Protocol, header_timeout_s=limits.header_timeout_s),  # type: ignore[arg-type]
+            h11_max_incomplete_event_size=limits.max_header_bytes,
         )
         self.server = uvicorn.Server(self.config)
         self._socket: socket.socket | None = None

@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "helm" / "raylane"
@@ -25,3 +26,16 @@ def find_helm() -> str | None:
 
 def run_helm(helm: str, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([helm, *args], capture_output=True, text=True, timeout=60, check=False)
+
+
+def pod_templates(objects: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Every pod template the chart renders (its metadata and spec), keyed by a readable name."""
+    templates = {}
+    for obj in objects:
+        if obj["kind"] in ("Deployment", "StatefulSet"):
+            templates[f"{obj['kind']}/{obj['metadata']['name']}"] = obj["spec"]["template"]
+        elif obj["kind"] == "RayCluster":
+            templates["ray-head"] = obj["spec"]["headGroupSpec"]["template"]
+            for group in obj["spec"]["workerGroupSpecs"]:
+                templates[f"ray-worker/{group['groupName']}"] = group["template"]
+    return templates

@@ -182,6 +182,7 @@ THIRD_PARTY_SCHEMAS: dict[tuple[str, str], dict[str, Any]] = {
                             "additionalProperties": False,
                             "properties": {
                                 "port": {"type": "string"},
+                                "path": {"type": "string", "pattern": "^/"},
                                 "interval": {"type": "string", "pattern": "^[0-9]+(ms|s|m|h)$"},
                                 "relabelings": {
                                     "type": "array",

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 import yaml
-from helm_support import CHART, EXAMPLES, NAMESPACE, RELEASE, REPO, run_helm
+from helm_support import CHART, EXAMPLES, NAMESPACE, RELEASE, REPO, pod_templates, run_helm
 from manifest_validation import validate
 
 from control_plane.config import ControlPlaneConfig
@@ -43,15 +43,7 @@ def _secret_names(objects: list[dict[str, Any]]) -> set[str]:
 
 def pod_specs(objects: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """Every pod spec the chart renders, keyed by a readable name."""
-    specs = {}
-    for obj in objects:
-        if obj["kind"] in ("Deployment", "StatefulSet"):
-            specs[f"{obj['kind']}/{obj['metadata']['name']}"] = obj["spec"]["template"]["spec"]
-        elif obj["kind"] == "RayCluster":
-            specs["ray-head"] = obj["spec"]["headGroupSpec"]["template"]["spec"]
-            for group in obj["spec"]["workerGroupSpecs"]:
-                specs[f"ray-worker/{group['groupName']}"] = group["template"]["spec"]
-    return specs
+    return {name: template["spec"] for name, template in pod_templates(objects).items()}
 
 
 def env_of(container: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -133,6 +125,11 @@ def test_bad_values_fail_schema_validation_with_readable_errors(helm):
             "ray.workerGroups[0] (cpu): need minReplicas <= replicas <= maxReplicas, got 3 <= 1 <= 4",
         ),
         (["modelStorage.enabled=true"], "modelStorage.existingClaim: name the PVC"),
+        (
+            ["router.http.enabled=false", "router.metricsPort=50051"],
+            "router.metricsPort: 50051 is taken on the router pods",
+        ),
+        (["controlPlane.metricsPort=8265"], "controlPlane.metricsPort: 8265 is taken on the head pod"),
     ],
 )
 def test_values_the_schema_cannot_express_fail_with_a_clear_message(helm, chart_copy, set_args, message):
@@ -196,6 +193,8 @@ def test_chart_defaults_equal_the_cli_defaults():
     values = yaml.safe_load((CHART / "values.yaml").read_text())
     assert values["router"]["port"] == defaults.router_port
     assert values["controlPlane"]["adminPort"] == defaults.admin_port
+    assert values["controlPlane"]["metricsPort"] == defaults.metrics_port
+    assert values["router"]["metricsPort"] == defaults.router_metrics_port
     assert values["controlPlane"]["reconcileIntervalS"] == defaults.reconcile_interval_s
 
 
@@ -208,6 +207,7 @@ def test_cluster_config_and_deployments_load_in_the_control_plane(render, name, 
     cluster_yaml.write_text(find(objects, "ConfigMap", f"{FULLNAME}-cluster")["data"]["cluster.yaml"])
     config = ControlPlaneConfig.load(cluster_yaml)
     assert (config.admin_host, config.redis_url) == ("0.0.0.0", None)  # the URL comes from RAYLANE_REDIS_URL
+    assert config.metrics_port == 9090  # controlPlane.metricsPort, what the ServiceMonitor scrapes on the head
     deployments = find(objects, "ConfigMap", f"{FULLNAME}-deployments").get("data") or {}
     values = yaml.safe_load(VALUES_FILES[name].read_text()) if VALUES_FILES[name] else {}
     assert len(deployments) == len(values.get("deployments", []))
@@ -383,15 +383,7 @@ def test_network_policies_fence_the_workers_and_redis(render):
 
 
 def _pod_labels(objects: list[dict[str, Any]]) -> dict[str, dict[str, str]]:
-    labels = {}
-    for obj in objects:
-        if obj["kind"] in ("Deployment", "StatefulSet"):
-            labels[f"{obj['kind']}/{obj['metadata']['name']}"] = obj["spec"]["template"]["metadata"]["labels"]
-        elif obj["kind"] == "RayCluster":
-            labels["ray-head"] = obj["spec"]["headGroupSpec"]["template"]["metadata"]["labels"]
-            for group in obj["spec"]["workerGroupSpecs"]:
-                labels[f"ray-worker/{group['groupName']}"] = group["template"]["metadata"]["labels"]
-    return labels
+    return {name: template["metadata"]["labels"] for name, template in pod_templates(objects).items()}
 
 
 # --- router extras, observability, dependency, NOTES ----------------------------------------------------------------
@@ -438,7 +430,7 @@ def test_service_monitor_is_off_by_default_and_dashboard_is_valid_json(render):
     assert dashboard["metadata"]["labels"]["grafana_dashboard"] == "1"
     board = json.loads(dashboard["data"]["raylane.json"])
     assert board["title"] == "raylane" and len(board["panels"]) >= 6
-    assert all(target["expr"] for panel in board["panels"] for target in panel["targets"])
+    assert all(target["expr"] for panel in board["panels"] for target in panel.get("targets", []))
 
 
 def test_kuberay_operator_is_an_optional_dependency():

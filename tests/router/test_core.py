@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import threading
+import time
 from collections.abc import AsyncIterator, Iterator, Mapping
 from contextlib import aclosing
 from dataclasses import dataclass, field
@@ -21,7 +22,7 @@ from inprocess_workers import EngineWorkerClient
 
 from protos.raylane.v1 import router_pb2, router_pb2_grpc
 from router import client as sdk
-from router.core import GenerateInput, RouterCore
+from router.core import FORCED_REFRESH_INTERVAL_S, GenerateInput, RouterCore
 from router.errors import (
     InvalidArgument,
     PermissionDenied,
@@ -191,10 +192,23 @@ def test_a_burst_on_a_new_key_waits_for_one_shared_refresh(engines, clock):
 def test_forced_refreshes_are_rate_limited(engines, clock):
     directory = RefreshingDirectory(make_directory(engines), late_key="unrelated")
     core = RouterCore(directory, quotas=QuotaTracker(clock=clock))
+    start = time.monotonic()
     for _ in range(5):
         with pytest.raises(Unauthenticated):
             run_request(core, "key-never-issued", request())
-    assert directory.num_refreshes == 1
+    # One refresh per miss, but never two within the interval: bad keys cost the control plane <= 10 calls/s.
+    assert directory.num_refreshes == 5
+    assert time.monotonic() - start >= 4 * FORCED_REFRESH_INTERVAL_S
+
+
+def test_a_key_issued_just_after_a_forced_refresh_still_works_on_its_first_request(engines, clock):
+    directory = RefreshingDirectory(make_directory(engines), late_key="unrelated")
+    core = RouterCore(directory, quotas=QuotaTracker(clock=clock))
+    with pytest.raises(Unauthenticated):
+        run_request(core, "key-just-issued", request())  # a forced refresh ran: the key did not exist yet
+    directory.late_key = "key-just-issued"  # issued now, within the rate limit's interval
+    assert run_request(core, "key-just-issued", request())[-1].finished
+    assert directory.num_refreshes == 2
 
 
 class RecordingPolicy(LeastLoadedPolicy):

@@ -207,3 +207,23 @@ def test_prefill_goes_where_the_least_prompt_work_is_queued_not_the_fewest_reque
         "p2",
         "p3",
     )
+
+
+def test_each_decision_names_the_term_that_separated_the_winner_from_the_runner_up():
+    hashes = frozenset(prefix_block_hashes(PROMPT[:-1], BLOCK))
+    cluster = view(
+        worker("p0", role="prefill", kv_block_size=BLOCK, prefix_block_hashes=frozenset()),
+        worker("p1", role="prefill", kv_block_size=BLOCK, prefix_block_hashes=hashes),
+        decode_worker("d0"),
+    )
+    decision = RaylanePolicy().route(request(tokens=PROMPT), cluster)
+    assert decision.deciding_terms == {"prefill": "prefix", "decode": "only_candidate"}
+    mixed = view(
+        worker("m0", kv_blocks_total=100, kv_block_size=BLOCK),
+        worker("m1", kv_blocks_total=100, kv_block_size=BLOCK, adapters=frozenset({"a"})),
+    )
+    assert RaylanePolicy().route(request(adapter="a"), mixed).deciding_terms == {"mixed": "adapter"}
+    twins = view(worker("m0"), worker("m1"))
+    assert RaylanePolicy().route(request(), twins).deciding_terms == {"mixed": "tie"}
+    # Policies without terms leave it empty; the metric labels them `none`.
+    assert make_policy("least_outstanding").route(request(), twins).deciding_terms == {}

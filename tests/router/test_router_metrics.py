@@ -114,7 +114,7 @@ def test_finished_requests_move_every_request_metric_by_the_right_amount(engine,
     assert value(registry, "raylane_request_queue_time_seconds_count", **chat) == 2
     assert value(registry, "raylane_request_success_total", **acme, finished_reason="length") == 2
     assert value(registry, "raylane_requests_total", **acme, status="OK") == 2
-    decisions = {"policy": "least_loaded", "deployment": "chat", "pool": "mixed"}
+    decisions = {"policy": "least_loaded", "deployment": "chat", "pool": "mixed", "term": "none"}
     assert value(registry, "raylane_routing_decisions_total", **decisions) == 2
     # Latencies are real durations: the whole request took at least as long as its first token.
     e2e = value(registry, "raylane_e2e_request_latency_seconds_sum", **chat)

@@ -180,3 +180,19 @@ key: {{ .Values.externalRedis.existingSecretPasswordKey }}
 - name: RAY_USAGE_STATS_ENABLED
   value: "0"
 {{- end -}}
+
+{{/* Where Prometheus scrapes a router's raylane metrics: `/metrics` on the HTTP port when that speaks plain HTTP,
+else the router's own metrics port (`--metrics-port`), which never speaks TLS. "true" or "". */}}
+{{- define "raylane.routerMetricsOnHttp" -}}
+{{- if and .Values.router.http.enabled (not .Values.tls.existingSecret) -}}true{{- end -}}
+{{- end -}}
+
+{{- define "raylane.routerMetricsPort" -}}
+{{- if include "raylane.routerMetricsOnHttp" . -}}{{ .Values.router.http.port }}{{- else -}}{{ .Values.router.metricsPort }}{{- end -}}
+{{- end -}}
+
+{{/* "<fullname>-<suffix>", the fullname cut so the whole stays a valid Service name (63 characters). */}}
+{{- define "raylane.serviceName" -}}
+{{- $suffix := index . 1 -}}
+{{- printf "%s-%s" (include "raylane.fullname" (index . 0) | trunc (int (sub 62 (len $suffix))) | trimSuffix "-") $suffix -}}
+{{- end -}}

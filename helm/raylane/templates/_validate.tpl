@@ -3,6 +3,14 @@
 {{- if and .Values.router.http.enabled (eq (int .Values.router.http.port) (int .Values.router.port)) }}
 {{- fail "router.http.port: the HTTP API needs its own port; it equals router.port (gRPC)" }}
 {{- end }}
+{{- if not (include "raylane.routerMetricsOnHttp" .) }}
+{{- if or (eq (int .Values.router.metricsPort) (int .Values.router.port)) (eq (int .Values.router.metricsPort) 8080) (and .Values.router.http.enabled (eq (int .Values.router.metricsPort) (int .Values.router.http.port))) }}
+{{- fail (printf "router.metricsPort: %d is taken on the router pods (router.port, router.http.port or Ray's metrics port 8080); pick another" (int .Values.router.metricsPort)) }}
+{{- end }}
+{{- end }}
+{{- if has (int .Values.controlPlane.metricsPort) (list (int .Values.controlPlane.adminPort) 6379 8080 8265 10001) }}
+{{- fail (printf "controlPlane.metricsPort: %d is taken on the head pod (controlPlane.adminPort or a Ray port: 6379, 8080, 8265, 10001); pick another" (int .Values.controlPlane.metricsPort)) }}
+{{- end }}
 {{- if not (or .Values.redis.enabled .Values.externalRedis.url) }}
 {{- fail "Redis: set redis.enabled=true (the bundled StatefulSet) or externalRedis.url=redis://host:6379/0" }}
 {{- end }}

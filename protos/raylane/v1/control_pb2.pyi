@@ -359,3 +359,38 @@ class ClusterStatusResponse(_message.Message):
     reconcile: ReconcileStats
     pools: _containers.RepeatedCompositeFieldContainer[PoolInfo]
     def __init__(self, router_addresses: _Optional[_Iterable[str]] = ..., admin_address: _Optional[str] = ..., state_url: _Optional[str] = ..., num_deployments: _Optional[int] = ..., num_tenants: _Optional[int] = ..., num_workers: _Optional[int] = ..., num_healthy_workers: _Optional[int] = ..., reconcile: _Optional[_Union[ReconcileStats, _Mapping]] = ..., pools: _Optional[_Iterable[_Union[PoolInfo, _Mapping]]] = ...) -> None: ...
+
+class AuditEvent(_message.Message):
+    __slots__ = ("ts", "action", "peer", "principal", "outcome", "details")
+    class DetailsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    TS_FIELD_NUMBER: _ClassVar[int]
+    ACTION_FIELD_NUMBER: _ClassVar[int]
+    PEER_FIELD_NUMBER: _ClassVar[int]
+    PRINCIPAL_FIELD_NUMBER: _ClassVar[int]
+    OUTCOME_FIELD_NUMBER: _ClassVar[int]
+    DETAILS_FIELD_NUMBER: _ClassVar[int]
+    ts: float
+    action: str
+    peer: str
+    principal: str
+    outcome: str
+    details: _containers.ScalarMap[str, str]
+    def __init__(self, ts: _Optional[float] = ..., action: _Optional[str] = ..., peer: _Optional[str] = ..., principal: _Optional[str] = ..., outcome: _Optional[str] = ..., details: _Optional[_Mapping[str, str]] = ...) -> None: ...
+
+class ListAuditEventsRequest(_message.Message):
+    __slots__ = ("limit",)
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    limit: int
+    def __init__(self, limit: _Optional[int] = ...) -> None: ...
+
+class ListAuditEventsResponse(_message.Message):
+    __slots__ = ("events",)
+    EVENTS_FIELD_NUMBER: _ClassVar[int]
+    events: _containers.RepeatedCompositeFieldContainer[AuditEvent]
+    def __init__(self, events: _Optional[_Iterable[_Union[AuditEvent, _Mapping]]] = ...) -> None: ...

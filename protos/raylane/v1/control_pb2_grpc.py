@@ -99,6 +99,11 @@ class ControlPlaneStub:
                 request_serializer=protos_dot_raylane_dot_v1_dot_control__pb2.DrainRequest.SerializeToString,
                 response_deserializer=protos_dot_raylane_dot_v1_dot_control__pb2.DrainResponse.FromString,
                 _registered_method=True)
+        self.ListAuditEvents = channel.unary_unary(
+                '/raylane.v1.ControlPlane/ListAuditEvents',
+                request_serializer=protos_dot_raylane_dot_v1_dot_control__pb2.ListAuditEventsRequest.SerializeToString,
+                response_deserializer=protos_dot_raylane_dot_v1_dot_control__pb2.ListAuditEventsResponse.FromString,
+                _registered_method=True)
 
 
 class ControlPlaneServicer:
@@ -184,6 +189,13 @@ class ControlPlaneServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListAuditEvents(self, request, context):
+        """The admin audit log: every mutating call and every refused one, newest last.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ControlPlaneServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -251,6 +263,11 @@ def add_ControlPlaneServicer_to_server(servicer, server):
                     servicer.Drain,
                     request_deserializer=protos_dot_raylane_dot_v1_dot_control__pb2.DrainRequest.FromString,
                     response_serializer=protos_dot_raylane_dot_v1_dot_control__pb2.DrainResponse.SerializeToString,
+            ),
+            'ListAuditEvents': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAuditEvents,
+                    request_deserializer=protos_dot_raylane_dot_v1_dot_control__pb2.ListAuditEventsRequest.FromString,
+                    response_serializer=protos_dot_raylane_dot_v1_dot_control__pb2.ListAuditEventsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -604,6 +621,33 @@ class ControlPlane:
             '/raylane.v1.ControlPlane/Drain',
             protos_dot_raylane_dot_v1_dot_control__pb2.DrainRequest.SerializeToString,
             protos_dot_raylane_dot_v1_dot_control__pb2.DrainResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListAuditEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/raylane.v1.ControlPlane/ListAuditEvents',
+            protos_dot_raylane_dot_v1_dot_control__pb2.ListAuditEventsRequest.SerializeToString,
+            protos_dot_raylane_dot_v1_dot_control__pb2.ListAuditEventsResponse.FromString,
             options,
             channel_credentials,
             insecure,
