@@ -136,14 +136,21 @@ def up(
         state_url=info.state_url,
         api_key=api_key,
         redis_pid=0 if cfg.redis_url else registered_pid(cfg.state_path / DATA_SUBDIR),
+        https=cfg.tls_cert_file is not None,
     )
     path = cluster.save(cfg.state_path)
     routers_text = ", ".join(info.router_addresses) or "none (run `raylane router serve`)"
     console.print(f"[green]cluster up[/green] admin={info.admin_address} routers={routers_text}")
     if info.router_http_addresses:
-        console.print(f"OpenAI-compatible HTTP: {', '.join(f'http://{a}/v1' for a in info.router_http_addresses)}")
+        console.print(f"OpenAI-compatible HTTP: {_http_text(cluster)}")
     console.print(f"metrics: {_metrics_text(info.metrics_address, info.router_metrics_addresses)}")
     console.print(f"state: {info.state_url}  cluster file: {path}")
+
+
+def _http_text(cluster: ClusterFile) -> str:
+    """The routers' OpenAI base URLs (the metrics ports stay plain HTTP even with TLS on)."""
+    scheme = "https" if cluster.https else "http"
+    return ", ".join(f"{scheme}://{a}/v1" for a in cluster.router_http_addresses)
 
 
 def _metrics_text(control_plane: str, routers: Sequence[str]) -> str:
@@ -242,8 +249,7 @@ def status(state_dir: StateDir = Path(DEFAULT_STATE_DIR)) -> None:
     )
     cluster = _cluster(state_dir)
     if cluster.router_addresses:  # routers run by `raylane router serve` print their own addresses
-        http = ", ".join(f"http://{a}/v1" for a in cluster.router_http_addresses) or "off"
-        out.print(f"OpenAI-compatible HTTP: {http}")
+        out.print(f"OpenAI-compatible HTTP: {_http_text(cluster) or 'off'}")
     out.print(f"metrics: {_metrics_text(cluster.metrics_address, cluster.router_metrics_addresses)}")
 
 

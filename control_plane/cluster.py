@@ -59,6 +59,8 @@ class ClusterFile:
     """Temp dir of the Ray head `up` started: `down` finds that head's processes by it. Empty: `up` joined one."""
     redis_pid: int = 0
     """The embedded redis-server `up` started (0: an external Redis); `down` makes sure none is left running."""
+    https: bool = False
+    """Whether the routers' HTTP fronts speak only HTTPS (`up` was given a TLS certificate)."""
 
     def save(self, state_dir: Path) -> Path:
         state_dir.mkdir(parents=True, exist_ok=True)
