@@ -5,8 +5,11 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import aclosing
+from dataclasses import dataclass
 from typing import Any
 
+from router.policy import ClusterView
+from router.table import RoutingTable
 from workers.engine.async_engine import AsyncEngine
 from workers.engine.request import RequestOutput
 from workers.messages import GenerateCall, PrefillResult, TokenChunk, WorkerStats, chunk_from_output
@@ -56,3 +59,19 @@ class EngineWorkerClient:
 
     def _chunk(self, seq: int, output: RequestOutput) -> TokenChunk:
         return chunk_from_output(output, seq=seq, worker_id=self.worker_id)
+
+
+@dataclass
+class TableOnly:
+    """A router `Directory` with a routing table and no workers: enough for auth, quota and validation paths."""
+
+    routing_table: RoutingTable
+
+    def table(self) -> RoutingTable:
+        return self.routing_table
+
+    def view(self) -> ClusterView:
+        return ClusterView()
+
+    def clients(self) -> dict:
+        return {}

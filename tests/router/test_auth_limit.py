@@ -13,6 +13,7 @@ from typing import Any
 import grpc
 import httpx
 import pytest
+from inprocess_workers import TableOnly
 from prometheus_client import CollectorRegistry
 
 from router.auth_limit import AuthFailureLimiter, AuthLimitConfig, AuthLimitMetrics, peer_host
@@ -20,7 +21,6 @@ from router.client import AuthenticationError, Client, QuotaExceededError
 from router.core import RouterCore
 from router.http.app import build_app
 from router.http.server import HttpServer
-from router.policy import ClusterView
 from router.quota import QuotaLimits
 from router.server import RouterConfig
 from router.servicer import RouterServicer, start_router_server
@@ -142,20 +142,6 @@ def test_lockouts_are_counted_and_logged_once(caplog):
 
 
 # ---- one limiter behind a real gRPC port and a real HTTP front ------------------------------------
-
-
-@dataclass
-class TableOnly:
-    routing_table: RoutingTable
-
-    def table(self) -> RoutingTable:
-        return self.routing_table
-
-    def view(self) -> ClusterView:
-        return ClusterView()
-
-    def clients(self) -> dict:
-        return {}
 
 
 @dataclass

@@ -17,12 +17,12 @@ from dataclasses import dataclass
 
 import httpx
 import pytest
+from inprocess_workers import TableOnly
 
 from router.core import RouterCore
 from router.http.app import build_app
 from router.http.limits import HttpLimits
 from router.http.server import HttpServer
-from router.policy import ClusterView
 from router.quota import QuotaLimits
 from router.table import DeploymentRoute, RoutingTable, hash_api_key
 
@@ -30,20 +30,6 @@ KEY = "rl-key-for-the-http-limit-tests"
 LIMITS = HttpLimits(max_body_bytes=1024, header_timeout_s=1.0, body_timeout_s=1.0)
 SLACK_S = 3.0
 """Allowed lateness of a cut-off on a loaded machine: the bound is the limit plus this."""
-
-
-@dataclass
-class TableOnly:
-    routing_table: RoutingTable
-
-    def table(self) -> RoutingTable:
-        return self.routing_table
-
-    def view(self) -> ClusterView:
-        return ClusterView()
-
-    def clients(self) -> dict:
-        return {}
 
 
 @dataclass

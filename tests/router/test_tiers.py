@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
 
 import pytest
+from inprocess_workers import TableOnly
 
 from control_plane.controller import tier_groups
 from control_plane.convert import deployment_from_proto, deployment_to_proto
@@ -13,25 +13,10 @@ from control_plane.spec import DeploymentSpec, PoolSpec, SpecError
 from router.complexity import TierGroup, TierSelectorConfig
 from router.core import GenerateInput, RouterCore
 from router.errors import InvalidArgument
-from router.policy import ClusterView
 from router.quota import QuotaLimits
 from router.table import DeploymentRoute, RoutingTable
 
 GROUP = TierGroup(small="math-small", large="math-large")
-
-
-@dataclass
-class TableOnly:
-    routing_table: RoutingTable
-
-    def table(self) -> RoutingTable:
-        return self.routing_table
-
-    def view(self) -> ClusterView:
-        return ClusterView()
-
-    def clients(self):
-        return {}
 
 
 def core(**tier_config) -> RouterCore:
