@@ -94,6 +94,7 @@ def latency_from_token_times(start: float, token_times: list[list[float]]) -> di
 def run_ours(spec: dict) -> dict:
     from workers.engine.config import EngineConfig
     from workers.engine.engine import Engine
+    from workers.engine.request import GenerateCall
     from workers.engine.sampling_params import SamplingParams
 
     engine = Engine(
@@ -111,7 +112,8 @@ def run_ours(spec: dict) -> dict:
     token_times: dict[str, list[float]] = {str(i): [] for i in range(len(requests))}
     start = time.perf_counter()
     for i, (prompt, output_len) in enumerate(requests):
-        engine.add_request(str(i), prompt, SamplingParams(max_tokens=output_len, ignore_eos=True))
+        params = SamplingParams(max_tokens=output_len, ignore_eos=True)
+        engine.add_request(GenerateCall(request_id=str(i), prompt_token_ids=prompt, sampling=params))
     while engine.has_unfinished():
         outputs = engine.step()
         now = time.perf_counter()

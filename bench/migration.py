@@ -36,6 +36,7 @@ if str(REPO) not in sys.path:  # run as a script
 from workers.engine.async_engine import AsyncEngine  # noqa: E402
 from workers.engine.engine import Engine  # noqa: E402
 from workers.engine.migration import LocalDestination, migrate  # noqa: E402
+from workers.engine.request import GenerateCall  # noqa: E402
 from workers.engine.sampling_params import SamplingParams  # noqa: E402
 from workers.engine.tiny import make_tiny_model  # noqa: E402
 
@@ -73,7 +74,7 @@ async def start(source: AsyncEngine, request_id: str, prompt: list[int], max_tok
     ready = asyncio.Event()
 
     async def read() -> str:
-        async for out in source.generate(request_id, prompt, params):
+        async for out in source.generate(GenerateCall(request_id=request_id, prompt_token_ids=prompt, sampling=params)):
             if out.new_token_ids:
                 stamps.append(time.perf_counter())
             if len(stamps) >= WARMUP_TOKENS:
@@ -102,7 +103,7 @@ async def measure_live(source: AsyncEngine, dest: AsyncEngine, length: int, rid:
     stamps: list[float] = []
 
     async def read() -> None:
-        stream = source.generate(rid, prompt_of(length, 1), params)
+        stream = source.generate(GenerateCall(request_id=rid, prompt_token_ids=prompt_of(length, 1), sampling=params))
         while True:
             follow = ""
             async for out in stream:
@@ -178,7 +179,8 @@ async def measure_recompute(source: AsyncEngine, dest: AsyncEngine, length: int,
     await reader
     started = time.perf_counter()
     params = SamplingParams(max_tokens=1, ignore_eos=True, detokenize=False)
-    async for out in dest.generate(rid + "-recompute", request_tokens, params):
+    recompute = GenerateCall(request_id=rid + "-recompute", prompt_token_ids=request_tokens, sampling=params)
+    async for out in dest.generate(recompute):
         if out.new_token_ids:
             break
     return (time.perf_counter() - started) * 1e3

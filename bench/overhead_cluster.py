@@ -51,6 +51,7 @@ def single_worker_cluster(*, num_cpus: int, ready_timeout_s: float, name: str) -
     from control_plane.config import ControlPlaneConfig
     from control_plane.pools import actor_name
     from control_plane.spec import DeploymentSpec, EngineOptions, PoolSpec, Quota, TenantSpec
+    from router.config import RouterConfig
     from router.server import NAMESPACE
     from workers.engine.tiny import make_tiny_model
 
@@ -62,7 +63,9 @@ def single_worker_cluster(*, num_cpus: int, ready_timeout_s: float, name: str) -
         try:
             log(name, "starting the control plane and its router")
             config = ControlPlaneConfig(
-                state_dir=str(work / "state"), admin_port=0, router_port=0, router_http_port=-1, router_metrics_port=0
+                state_dir=str(work / "state"),
+                admin_port=0,
+                router=RouterConfig(port=0, http_port=-1, metrics_port=0),
             )
             control_plane, info = start_control_plane(config, detached=False)  # alive while we hold the handle
             with admin_client_for(config, info.admin_address) as admin:

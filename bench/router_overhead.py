@@ -1,8 +1,8 @@
 """Router overhead: the latency the gRPC router adds to a 1-token request, against calling the worker directly.
 
 One run, one machine: an in-process Ray cluster with the real control plane, its router and one
-`mixed` worker on a tiny Llama. Each of N sequential requests (max_tokens=1, the same short
-token-id prompt, so the worker's prefix cache makes both paths do the same engine work) is sent
+`mixed` worker on a tiny Llama. Each of N sequential requests (max_tokens=1 unless `--max-tokens`, the same
+short token-id prompt, so the worker's prefix cache makes both paths do the same engine work) is sent
 
   (a) through the router: `router.client.Client.complete` over gRPC (auth, quota, placement,
       then the router's Ray streaming call to the worker), and
@@ -14,6 +14,7 @@ difference of the two paths' medians (and p99s); the target is a p50 of at most 
 
     python bench/router_overhead.py                      # 200 requests per path
     python bench/router_overhead.py --num-requests 1000 --warmup 50
+    python bench/router_overhead.py --max-tokens 64     # the per-token cost of the stream path too
 
 stdout is exactly one JSON object; progress goes to stderr.
 """
@@ -49,6 +50,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--prompt-len", type=int, default=20, help="prompt tokens; >= 16 fills one cacheable KV block (default 20)"
     )
+    parser.add_argument(
+        "--max-tokens",
+        type=int,
+        default=1,
+        help="tokens per request, EOS ignored (default 1: the fixed cost; more adds each token's path)",
+    )
     parser.add_argument("--num-cpus", type=int, default=8, help="logical CPUs of the in-process Ray (default 8)")
     parser.add_argument(
         "--ready-timeout-s", type=float, default=180.0, help="how long to wait for the worker and router (default 180)"
@@ -56,31 +63,36 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.num_requests < 1 or args.warmup < 0 or not 1 <= args.prompt_len <= 256 or args.num_cpus < 2:
         parser.error("need --num-requests >= 1, --warmup >= 0, 1 <= --prompt-len <= 256 and --num-cpus >= 2")
+    if not 1 <= args.max_tokens <= 256:
+        parser.error("need 1 <= --max-tokens <= 256")
     return args
 
 
 class Paths:
-    """The two ways of sending the same 1-token request."""
+    """The two ways of sending the same request."""
 
-    def __init__(self, router_address: str, api_key: str, worker: Any, prompt: list[int]) -> None:
+    def __init__(self, router_address: str, api_key: str, worker: Any, prompt: list[int], max_tokens: int) -> None:
         from router.client import Client
         from workers.engine.sampling_params import SamplingParams
 
         self.client = Client(router_address, api_key, timeout_s=60)
         self.worker = worker
         self.prompt = prompt
-        # What the router builds from `max_tokens=1` and the client's other defaults.
-        self.sampling = SamplingParams(max_tokens=1)
+        self.max_tokens = max_tokens
+        # EOS ignored past one token, so both paths generate exactly `max_tokens`.
+        self.options: dict[str, Any] = {"max_tokens": max_tokens, "ignore_eos": max_tokens > 1}
+        # What the router builds from these options and the client's other defaults.
+        self.sampling = SamplingParams(**self.options)
         self._num_direct = 0
         self.cached_tokens = {"via_router": -1, "direct": -1}
         """Prompt tokens the worker's prefix cache served on each path's last request."""
 
     def via_router(self) -> float:
         start = time.perf_counter()
-        completion = self.client.complete(DEPLOYMENT, self.prompt, max_tokens=1)
+        completion = self.client.complete(DEPLOYMENT, self.prompt, **self.options)
         elapsed_ms = (time.perf_counter() - start) * 1e3
-        if len(completion.token_ids) != 1:
-            raise RuntimeError(f"router returned {len(completion.token_ids)} tokens, expected 1")
+        if len(completion.token_ids) != self.max_tokens:
+            raise RuntimeError(f"router returned {len(completion.token_ids)} tokens, expected {self.max_tokens}")
         self.cached_tokens["via_router"] = completion.usage.cached_prompt_tokens
         return elapsed_ms
 
@@ -96,8 +108,8 @@ class Paths:
         start = time.perf_counter()
         chunks = [ray.get(ref) for ref in self.worker.generate.remote(call)]
         elapsed_ms = (time.perf_counter() - start) * 1e3
-        if sum(len(c.token_ids) for c in chunks) != 1 or not chunks[-1].finished:
-            raise RuntimeError("the worker did not return exactly one finished token")
+        if sum(len(c.token_ids) for c in chunks) != self.max_tokens or not chunks[-1].finished:
+            raise RuntimeError(f"the worker did not finish with exactly {self.max_tokens} tokens")
         self.cached_tokens["direct"] = chunks[-1].num_cached_tokens
         return elapsed_ms
 
@@ -127,7 +139,7 @@ def measure(paths: Paths, num_requests: int, warmup: int) -> tuple[list[float], 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     prompt = [3 + (7 * i) % 500 for i in range(args.prompt_len)]
     with single_worker_cluster(num_cpus=args.num_cpus, ready_timeout_s=args.ready_timeout_s, name=NAME) as cluster:
-        paths = Paths(cluster.router_address, cluster.api_key, cluster.worker, prompt)
+        paths = Paths(cluster.router_address, cluster.api_key, cluster.worker, prompt, args.max_tokens)
         try:
             log(f"measuring {args.num_requests} requests per path after {args.warmup} warm-up each")
             router_ms, direct_ms = measure(paths, args.num_requests, args.warmup)
@@ -144,11 +156,12 @@ def summarize(
     added_p50 = round(via_router["p50"] - direct["p50"], 3)
     return {
         "benchmark": "router_overhead",
-        "description": "latency of a 1-token request through the gRPC router vs directly on the worker actor",
+        "description": f"latency of a {args.max_tokens}-token request through the gRPC router vs directly on the "
+        "worker actor",
         "num_requests_per_path": args.num_requests,
         "num_warmup_per_path": args.warmup,
         "prompt_tokens": args.prompt_len,
-        "max_tokens": 1,
+        "max_tokens": args.max_tokens,
         "worker_id": worker_id,
         "cached_prompt_tokens_last_request": cached,
         "via_router_ms": via_router,

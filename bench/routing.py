@@ -14,9 +14,17 @@ and are printed with the results.
     python bench/routing.py                                  # 60 s per policy, 4 workers
     python bench/routing.py --duration 30 --policies round_robin,least_outstanding,p2c,weighted
     python bench/routing.py --trace other_trace.csv --seed 3 --png routing.png
+    python bench/routing.py --trace data/traces/mooncake_synthetic_trace.jsonl   # prefixes (format detected)
+
+Mooncake traces (`--format mooncake`, detected from the file) name each prompt's 512-token blocks: every block
+becomes `--tokens-per-hash-block` tokens (default 16, one KV block of the tiny model) whose ids are a pure
+function of the block's hash id, so prompts share exactly the prefixes the trace says they share, and each
+policy reports its prefix hit rate (the engine's cached prompt tokens over prompt tokens). Every policy (and the
+calibration) gets its own hash-id space: the same prefix structure, but nothing a previous policy cached.
 
 stdout is exactly one JSON object; progress goes to stderr. Trace credit: Azure LLM inference
-trace 2023 (Azure/AzurePublicDataset, CC-BY 4.0; Patel et al., "Splitwise", ISCA 2024).
+trace 2023 (Azure/AzurePublicDataset, CC-BY 4.0; Patel et al., "Splitwise", ISCA 2024); Mooncake
+(kvcache-ai/Mooncake, Apache-2.0; Qin et al., "Mooncake", FAST 2025).
 """
 
 from __future__ import annotations
@@ -29,6 +37,7 @@ import sys
 import tempfile
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -38,11 +47,18 @@ if str(REPO) not in sys.path:  # run as a script
 
 from bench.plots import write_latency_cdfs  # noqa: E402
 from router.replay import select_window  # noqa: E402
-from router.trace import DEFAULT_TRACE, TraceRequest, load_trace  # noqa: E402
+from router.trace import (  # noqa: E402
+    DEFAULT_TRACE,
+    TRACE_FORMATS,
+    TraceRequest,
+    load_trace,
+    prefix_sharing,
+    scale_hash_blocks,
+)
 
 DEPLOYMENT = "bench"
 TENANT = "bench"
-BASELINES = ("round_robin", "least_outstanding", "p2c")
+BASELINES = ("round_robin", "least_outstanding", "p2c", "prefix_cache")
 SLO_SCALES = (0.75, 1.0, 1.5, 2.0, 3.0)
 """Multiples of the stated SLOs the results are also scored at (the headline is 1.0)."""
 
@@ -53,9 +69,23 @@ def log(msg: str) -> None:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--trace", type=Path, default=DEFAULT_TRACE, help="trace CSV (Azure format)")
+    parser.add_argument("--trace", type=Path, default=DEFAULT_TRACE, help="trace: Azure CSV or Mooncake JSONL")
+    parser.add_argument("--format", choices=TRACE_FORMATS, default="auto", help="trace format (default: from the file)")
+    parser.add_argument(
+        "--tokens-per-hash-block",
+        type=int,
+        default=16,
+        help="Mooncake: tokens each 512-token hash block becomes for the tiny model (default 16, one KV block)",
+    )
     parser.add_argument("--duration", type=float, default=60.0, help="seconds of replay per policy (default 60)")
     parser.add_argument("--seed", type=int, default=0, help="seeds the trace window and the prompts")
+    parser.add_argument(
+        "--window-start",
+        type=float,
+        default=None,
+        help="seconds into the trace where the replayed window starts (default: seeded by --seed); Mooncake's "
+        "prefix reuse grows along the trace (6%% of blocks repeat in its first 200 requests, 44%% in its last 200)",
+    )
     parser.add_argument(
         "--policies",
         default="round_robin,least_outstanding,p2c,raylane,raylane+admission",
@@ -77,17 +107,35 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--num-cpus", type=int, default=8, help="logical CPUs of the in-process Ray (default 8)")
     args = parser.parse_args(argv)
-    if args.duration <= 0 or not 0 < args.load <= 2 or args.num_workers < 1:
-        parser.error("need --duration > 0, 0 < --load <= 2 and --num-workers >= 1")
+    if args.duration <= 0 or not 0 < args.load <= 2 or args.num_workers < 1 or args.tokens_per_hash_block < 1:
+        parser.error("need --duration > 0, 0 < --load <= 2, --num-workers >= 1 and --tokens-per-hash-block >= 1")
     return args
 
 
-def trace_window(path: Path, *, seed: int, max_prompt: int, max_output: int) -> list[TraceRequest]:
-    """A window of the trace starting at a seeded offset, lengths scaled to the tiny model, arrivals from 0."""
-    rows = load_trace(path)
+def trace_window(
+    path: Path,
+    *,
+    seed: int,
+    max_prompt: int,
+    max_output: int,
+    trace_format: str = "auto",
+    tokens_per_hash_block: int = 16,
+    start_s: float | None = None,
+) -> list[TraceRequest]:
+    """A window of the trace starting at a seeded offset, lengths scaled to the tiny model, arrivals from 0.
+
+    Prompts with block hash ids are scaled block by block (`scale_hash_blocks`), which keeps their shared
+    prefixes; the others by one factor that fits the longest.
+    """
+    rows = load_trace(path, trace_format=trace_format)
     span = rows[-1].arrival_s
-    start = random.Random(seed).uniform(0, max(0.0, span - 600))
+    start = random.Random(seed).uniform(0, max(0.0, span - 600)) if start_s is None else start_s
     window = [r for r in rows if start <= r.arrival_s < start + 600]
+    if any(r.block_hash_ids for r in window):
+        scaled = scale_hash_blocks(window, block_size=tokens_per_hash_block, max_prompt_len=max_prompt)
+        return [
+            replace(r, arrival_s=r.arrival_s - start, output_len=max(1, min(r.output_len, max_output))) for r in scaled
+        ]
     scale = min(1.0, max_prompt / max(r.prompt_len for r in window))
     return [
         TraceRequest(
@@ -137,7 +185,7 @@ class Bench:
                 namespace="raylane",
             )
         config = ControlPlaneConfig(
-            state_dir=str(self.workdir / "state"), admin_port=0, router_port=0, num_routers=0, reconcile_interval_s=0.5
+            state_dir=str(self.workdir / "state"), admin_port=0, num_routers=0, reconcile_interval_s=0.5
         )
         self.control_plane, info = start_control_plane(config, detached=False)
         self.admin = admin_client_for(config, info.admin_address)
@@ -164,17 +212,13 @@ class Bench:
         return engine_options(self.args.kv_cache_mib)
 
     def start_router(self, policy_name: str) -> tuple[Any, str]:
+        from router.admission import AdmissionConfig
         from router.server import RouterConfig, RouterReplica
 
         # `name+admission` runs the policy behind predictive admission; otherwise every request is placed at once.
         policy, _, option = policy_name.partition("+")
-        config = RouterConfig(
-            host="127.0.0.1",
-            port=0,
-            policy=policy,
-            admission=option == "admission",
-            admission_headroom=self.args.admission_headroom,
-        )
+        admission = AdmissionConfig(enabled=option == "admission", headroom=self.args.admission_headroom)
+        config = RouterConfig(host="127.0.0.1", port=0, http_port=0, metrics_port=0, policy=policy, admission=admission)
         replica = RouterReplica(config, self.control_plane)
         address = asyncio.run_coroutine_threadsafe(replica.start(), self.loop).result(timeout=60)
         return replica, address
@@ -186,16 +230,24 @@ class Bench:
         return sum(w.num_running + w.num_waiting for pool in self.admin.list_pools(DEPLOYMENT) for w in pool.workers)
 
     def preemptions(self) -> int:
+        return self.worker_counters()[0]
+
+    def worker_counters(self) -> tuple[int, int, int]:
+        """(preemptions, prompt tokens looked up in the prefix caches, of those served from them), all workers."""
         import ray
 
         from control_plane.pools import actor_name
 
-        total = 0
+        totals = [0, 0, 0]
         for pool in self.admin.list_pools(DEPLOYMENT):
             for w in pool.workers:
                 handle = ray.get_actor(actor_name(w.worker_id), namespace="raylane")
-                total += ray.get(handle.stats.remote()).num_preemptions
-        return total
+                stats = ray.get(handle.stats.remote())
+                for i, value in enumerate(
+                    (stats.num_preemptions, stats.num_prefix_cache_queries, stats.num_prefix_cache_hits)
+                ):
+                    totals[i] += value
+        return totals[0], totals[1], totals[2]
 
     def wait_idle(self, timeout_s: float = 120.0) -> None:
         deadline = time.monotonic() + timeout_s
@@ -229,6 +281,7 @@ def slo_report(records, *, ttft_ms: float, tpot_ms: float, duration_s: float) ->
     from router.replay import percentile
 
     ok = [r for r in records if r.error is None]
+    prompt_tokens = sum(r.num_prompt_tokens for r in ok)
     met = [r for r in ok if r.ttft_ms <= ttft_ms and (r.tpot_ms is None or r.tpot_ms <= tpot_ms)]
     ttfts = [r.ttft_ms for r in ok if r.ttft_ms is not None]
     tpots = [r.tpot_ms for r in ok if r.tpot_ms is not None]
@@ -247,6 +300,10 @@ def slo_report(records, *, ttft_ms: float, tpot_ms: float, duration_s: float) ->
         "ttft_ms": {"p50": p(ttfts, 50), "p99": p(ttfts, 99)},
         "tpot_ms": {"p50": p(tpots, 50), "p99": p(tpots, 99)},
         "output_tokens_per_s": round(sum(r.num_output_tokens for r in ok) / span, 1) if span > 0 else 0.0,
+        # The engine's cached prompt tokens (usage.cached_prompt_tokens) over prompt tokens, finished requests.
+        "prefix_hit_rate": round(sum(r.num_cached_prompt_tokens for r in ok) / prompt_tokens, 4)
+        if prompt_tokens
+        else 0.0,
     }
 
 
@@ -257,14 +314,11 @@ def calibrate(bench: Bench, window: list[TraceRequest], seed: int) -> dict[str, 
     replica, address = bench.start_router("least_outstanding")
     try:
         sample = window[:12]
-        sequential = [
-            TraceRequest(arrival_s=i * 1.0, prompt_len=r.prompt_len, output_len=r.output_len)
-            for i, r in enumerate(sample)
-        ]
+        sequential = [replace(r, arrival_s=i * 1.0) for i, r in enumerate(sample)]
         records = replay_through(address, bench.api_key, sequential, seed)
         ttft = percentile([r.ttft_ms for r in records if r.ttft_ms is not None], 50)
         tpot = percentile([r.tpot_ms for r in records if r.tpot_ms is not None], 50)
-        burst = [TraceRequest(arrival_s=0.0, prompt_len=r.prompt_len, output_len=r.output_len) for r in window[:200]]
+        burst = [replace(r, arrival_s=0.0) for r in window[:200]]
         start = time.perf_counter()
         records = replay_through(address, bench.api_key, burst, seed + 1)
         elapsed = time.perf_counter() - start
@@ -297,12 +351,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         seed=args.seed,
         max_prompt=args.max_prompt_len,
         max_output=args.max_output_len,
+        trace_format=args.format,
+        tokens_per_hash_block=args.tokens_per_hash_block,
+        start_s=args.window_start,
     )
     with tempfile.TemporaryDirectory(prefix="raylane-routing-") as tmp:
         bench = Bench(args, Path(tmp))
         try:
             bench.start_cluster()
-            cal = calibrate(bench, window, args.seed)
+            cal = calibrate(bench, fresh_prefixes(window, 0), args.seed)
             offered_per_s = sum(r.output_len for r in window) / max(r.arrival_s for r in window)
             rate_scale = args.load * cal["capacity_output_tokens_per_s"] / offered_per_s
             requests = select_window(window, rate_scale=rate_scale, duration_s=args.duration)
@@ -316,22 +373,65 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             results, reports = {}, {}
             for name in policies:
                 replica, address = bench.start_router(name)
-                before = bench.preemptions()
+                before = bench.worker_counters()
                 try:
                     log(f"replaying through {name}")
-                    results[name] = replay_through(address, bench.api_key, requests, args.seed)
+                    run_requests = fresh_prefixes(requests, len(reports) + 1)
+                    results[name] = replay_through(address, bench.api_key, run_requests, args.seed)
                 finally:
                     bench.stop_router(replica)
                 bench.wait_idle()
                 reports[name] = slo_report(results[name], ttft_ms=ttft_slo, tpot_ms=tpot_slo, duration_s=args.duration)
-                reports[name]["preemptions"] = bench.preemptions() - before
+                preempted, queried, hit = (b - a for a, b in zip(before, bench.worker_counters(), strict=True))
+                reports[name]["preemptions"] = preempted
+                # The workers' own count: every prefill looked up, recomputes after preemption included.
+                reports[name]["worker_prefix_hit_rate"] = round(hit / queried, 4) if queried else 0.0
                 log(f"{name}: {json.dumps(reports[name])}")
         finally:
             bench.close()
     if args.png is not None:
         write_png(results, args.png)
     sweep = slo_sweep(results, ttft_ms=ttft_slo, tpot_ms=tpot_slo, duration_s=args.duration)
-    return summarize(args, cal, rate_scale, len(requests), ttft_slo, tpot_slo, reports, sweep)
+    out = summarize(args, cal, rate_scale, len(requests), ttft_slo, tpot_slo, reports, sweep)
+    if any(r.block_hash_ids for r in requests):
+        out["prefixes"] = prefix_report(requests, reports, args.tokens_per_hash_block)
+    return out
+
+
+def fresh_prefixes(requests: list[TraceRequest], space: int) -> list[TraceRequest]:
+    """The requests with their hash ids moved to id space `space`: the same prefix structure, but token ids no
+    earlier run (another policy, the calibration) has put in the workers' prefix caches."""
+    stride = 1 + max((max(r.block_hash_ids) for r in requests if r.block_hash_ids), default=-1)
+    if not space or stride == 0:
+        return requests
+    return [replace(r, block_hash_ids=tuple(i + space * stride for i in r.block_hash_ids)) for r in requests]
+
+
+def prefix_report(
+    requests: list[TraceRequest], reports: dict[str, dict[str, Any]], tokens_per_hash_block: int
+) -> dict[str, Any]:
+    """How much prefix reuse the replayed requests offer, and each policy's hit rate and TTFT p50 against
+    least-outstanding's (the issue's target: hit rate >= 1.5x and a lower TTFT p50)."""
+    out: dict[str, Any] = {
+        "tokens_per_hash_block": tokens_per_hash_block,
+        # What an unbounded cache could serve: blocks whose whole prefix an earlier request already had.
+        "trace_reuse": prefix_sharing(requests),
+    }
+    base = reports.get("least_outstanding")
+    if base is not None:
+        vs = {}
+        for name, r in reports.items():
+            if name == "least_outstanding":
+                continue
+            ratio = r["prefix_hit_rate"] / base["prefix_hit_rate"] if base["prefix_hit_rate"] else None
+            p50, base_p50 = r["ttft_ms"]["p50"], base["ttft_ms"]["p50"]
+            vs[name] = {
+                "prefix_hit_rate_ratio": None if ratio is None else round(ratio, 3),
+                "ttft_p50_ratio": round(p50 / base_p50, 3) if p50 and base_p50 else None,
+                "target_met": ratio is not None and ratio >= 1.5 and p50 is not None and p50 < base_p50,
+            }
+        out["vs_least_outstanding"] = vs
+    return out
 
 
 def slo_sweep(results: dict[str, list], *, ttft_ms: float, tpot_ms: float, duration_s: float) -> list[dict[str, Any]]:
@@ -379,7 +479,9 @@ def summarize(args, cal, rate_scale, num_requests, ttft_slo, tpot_slo, reports, 
     return {
         "benchmark": "routing",
         "trace": str(args.trace.name),
+        "trace_format": args.format,
         "seed": args.seed,
+        "window_start_s": args.window_start,
         "duration_s": args.duration,
         "num_workers": args.num_workers,
         "num_requests": num_requests,

@@ -57,6 +57,7 @@ def soak_cluster(*, num_cpus: int, ready_timeout_s: float, name: str) -> Iterato
     from control_plane.cluster import start_control_plane, stop_control_plane
     from control_plane.config import ControlPlaneConfig
     from control_plane.redis_server import stop_orphan
+    from router.config import RouterConfig
     from router.server import NAMESPACE
     from workers.engine.tiny import make_tiny_lora, make_tiny_model
 
@@ -78,7 +79,10 @@ def soak_cluster(*, num_cpus: int, ready_timeout_s: float, name: str) -> Iterato
         try:
             log(name, "starting the control plane and its router")
             config = ControlPlaneConfig(
-                state_dir=str(state_dir), admin_port=0, router_port=0, router_http_port=-1, reconcile_interval_s=0.5
+                state_dir=str(state_dir),
+                admin_port=0,
+                router=RouterConfig(port=0, http_port=-1),
+                reconcile_interval_s=0.5,
             )
             control_plane, info = start_control_plane(config, detached=False)  # alive while we hold the handle
             try:

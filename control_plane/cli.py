@@ -97,7 +97,7 @@ def generate(
         raise typer.Exit(2) from None
     elapsed = time.perf_counter() - start
     for text, out in zip(prompt, outputs, strict=True):
-        typer.echo(f"{text}{out.text_delta}")
+        typer.echo(f"{text}{out.text}")
     num_tokens = sum(len(o.output_token_ids) for o in outputs)
     console.print(f"[dim]{num_tokens} tokens in {elapsed:.2f}s ({num_tokens / elapsed:.1f} tok/s)[/dim]")
 

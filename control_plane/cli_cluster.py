@@ -69,7 +69,10 @@ def up(
             "`auto` joins this node's running cluster; or host:port."
         ),
     ] = "local",
-    config: Annotated[Path | None, typer.Option(help="Cluster YAML (ControlPlaneConfig fields).")] = None,
+    config: Annotated[
+        Path | None,
+        typer.Option(help="Cluster YAML: ControlPlaneConfig fields, with a `router:` section (examples/cluster.yaml)."),
+    ] = None,
     state_dir: StateDir = Path(DEFAULT_STATE_DIR),
     redis_url: Annotated[str | None, typer.Option(help="External Redis; default: embedded, in --state-dir.")] = None,
     num_cpus: Annotated[int | None, typer.Option(help="Logical CPUs of a local Ray head (default max(8, cores)).")] = (

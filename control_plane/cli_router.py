@@ -6,10 +6,14 @@ import asyncio
 import logging
 import signal
 import sys
-from typing import Annotated
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
+
+if TYPE_CHECKING:
+    from router.config import RouterConfig
 
 console = Console(stderr=True)
 router_app = typer.Typer(help="Run routers outside the control plane.", no_args_is_help=True)
@@ -17,30 +21,45 @@ router_app = typer.Typer(help="Run routers outside the control plane.", no_args_
 
 @router_app.command("serve")
 def serve(
-    address: Annotated[str, typer.Option(help="Ray address to join: `auto` (this node's) or host:port.")] = "auto",
-    host: Annotated[str, typer.Option(help="Interface to bind; 0.0.0.0 in a pod.")] = "0.0.0.0",
-    port: Annotated[int, typer.Option(help="gRPC port (the CLI's and the chart's default is 50051).")] = 50051,
-    http_port: Annotated[
-        int, typer.Option(help="OpenAI-compatible HTTP port (/v1/completions, /v1/chat/completions); 0 turns it off.")
-    ] = 8000,
-    metrics_port: Annotated[
-        int,
+    config: Annotated[
+        Path | None,
         typer.Option(
-            help="Prometheus /metrics port of its own (the HTTP port serves /metrics too); 0 turns it off, -1 picks "
-            "a free one."
+            help="Router YAML (RouterConfig keys, router/config.py), or a cluster YAML whose `router:` section is read "
+            "(the Helm chart's ConfigMap). The options below override it; without either, RouterConfig's defaults."
         ),
-    ] = 9091,
+    ] = None,
+    address: Annotated[str, typer.Option(help="Ray address to join: `auto` (this node's) or host:port.")] = "auto",
+    host: Annotated[str | None, typer.Option(help="Interface to bind (default 127.0.0.1); 0.0.0.0 in a pod.")] = None,
+    port: Annotated[int | None, typer.Option(help="gRPC port (default 50051).")] = None,
+    http_port: Annotated[
+        int | None,
+        typer.Option(
+            help="OpenAI-compatible HTTP port (/v1/completions, /v1/chat/completions; default 8000); 0 turns it off."
+        ),
+    ] = None,
+    metrics_port: Annotated[
+        int | None,
+        typer.Option(
+            help="Prometheus /metrics port of its own (default 9091; the HTTP port serves /metrics too); 0 turns it "
+            "off, -1 picks a free one."
+        ),
+    ] = None,
     wait_for_ray: Annotated[float, typer.Option(help="Seconds to wait for Ray and the control plane.")] = 0,
     grace: Annotated[float, typer.Option(help="Seconds in-flight requests get to finish on SIGTERM.")] = 10.0,
-    policy: Annotated[str, typer.Option(help="Routing policy (router/registry.py); `raylane` is the full one.")] = (
-        "least_loaded"
-    ),
+    policy: Annotated[
+        str | None,
+        typer.Option(help="Routing policy (router/registry.py; default: the config's, else `raylane`, the full one)."),
+    ] = None,
     admission: Annotated[
-        bool, typer.Option("--admission/--no-admission", help="Queue requests whose KV forecast would overflow.")
-    ] = False,
+        bool | None,
+        typer.Option("--admission/--no-admission", help="Queue requests whose KV forecast would overflow."),
+    ] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log every routing decision.")] = False,
     tls_cert: Annotated[str | None, typer.Option(help="PEM certificate: the gRPC and HTTP ports speak TLS.")] = None,
     tls_key: Annotated[str | None, typer.Option(help="PEM private key of --tls-cert.")] = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Print the resolved router config as YAML and exit (Ray is not joined).")
+    ] = False,
 ) -> None:
     """Serve the Router gRPC API from this process until SIGTERM/SIGINT, fed by the cluster's control plane.
 
@@ -48,26 +67,43 @@ def serve(
     first). Health checking reports SERVING once the first routing table has arrived.
     """
     from control_plane.cluster import ClusterNotRunningError, connect_ray, wait_for_control_plane
-    from router.server import RouterConfig, RouterReplica
+    from router.server import RouterReplica
 
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, stream=sys.stderr)
+    flags = {
+        "host": host,
+        "port": port,
+        "http_port": http_port,
+        "metrics_port": metrics_port,
+        "policy": policy,
+        "tls_cert_file": tls_cert,
+        "tls_key_file": tls_key,
+    }
     try:
-        config = RouterConfig(
-            host=host,
-            port=port,
-            http_port=http_port,
-            metrics_port=metrics_port,
-            policy=policy,
-            admission=admission,
-            tls_cert_file=tls_cert,
-            tls_key_file=tls_key,
-        )
+        resolved = resolve_config(config, flags, admission)
+        if dry_run:
+            import yaml
+
+            typer.echo(yaml.safe_dump(resolved.to_dict(), sort_keys=False), nl=False)
+            return
         connect_ray(address, wait_s=wait_for_ray)
         control_plane = wait_for_control_plane(wait_for_ray)
-    except (ValueError, ConnectionError, ClusterNotRunningError) as exc:
+    except (ValueError, OSError, ConnectionError, ClusterNotRunningError) as exc:
         console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2) from None
-    asyncio.run(_serve(RouterReplica(config, control_plane), grace))
+    asyncio.run(_serve(RouterReplica(resolved, control_plane), grace))
+
+
+def resolve_config(file: Path | None, flags: dict[str, Any], admission: bool | None) -> RouterConfig:
+    """The file's router config (or the defaults), with every flag that was given on top."""
+    from router import config_tree
+    from router.config import RouterConfig
+
+    base = RouterConfig.from_yaml_file(file) if file is not None else RouterConfig()
+    data = config_tree.deep_merge(base.to_dict(), {k: v for k, v in flags.items() if v is not None})
+    if admission is not None:
+        data = config_tree.deep_merge(data, {"admission": {"enabled": admission}})
+    return RouterConfig.from_dict(data, "")
 
 
 async def _serve(replica, grace_s: float) -> None:

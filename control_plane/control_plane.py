@@ -9,6 +9,7 @@ serving meanwhile) instead of starting new ones, and listens on the same admin p
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import threading
@@ -32,9 +33,9 @@ from control_plane.spec import TenantSpec
 from protos.raylane.v1 import control_pb2
 from router.auth_limit import AuthFailureLimiter, auth_limit_metrics
 from router.grpc_server import start_grpc_server
-from router.http.ports import HTTP_FREE_PORT, HTTP_OFF, replica_http_port
+from router.http.ports import HTTP_FREE_PORT, HTTP_OFF
 from router.metrics import MetricsServer, serve_metrics
-from router.server import CONTROL_PLANE_ACTOR, NAMESPACE, RouterActor, RouterConfig, RoutingState
+from router.server import CONTROL_PLANE_ACTOR, NAMESPACE, RouterActor, RoutingState
 
 logger = logging.getLogger(__name__)
 
@@ -47,11 +48,11 @@ class ClusterInfo:
     router_addresses: tuple[str, ...]
     state_url: str
     router_http_addresses: tuple[str, ...] = ()
-    """The routers' OpenAI-compatible HTTP fronts (`host:port`); empty when `router_http_port` turns them off."""
+    """The routers' OpenAI-compatible HTTP fronts (`host:port`); empty when `router.http_port` turns them off."""
     metrics_address: str = ""
     """The control plane's Prometheus `/metrics` (`host:port`); empty when `metrics_port` turns it off."""
     router_metrics_addresses: tuple[str, ...] = ()
-    """The routers' own `/metrics` ports (`host:port`); empty when `router_metrics_port` turns them off."""
+    """The routers' own `/metrics` ports (`host:port`); empty when `router.metrics_port` turns them off."""
 
 
 def router_name(index: int) -> str:
@@ -162,7 +163,7 @@ class ControlPlane:
         auth = AdminAuthInterceptor(
             await asyncio.to_thread(admin_token_for, self.config),
             limiter=AuthFailureLimiter(
-                self.config.auth_limit_config(),
+                self.config.auth_limit,
                 metrics=auth_limit_metrics(control_plane_metrics_module.REGISTRY),
                 surface="admin",
             ),
@@ -207,19 +208,9 @@ class ControlPlane:
             logger.info("router adopted name=%s address=%s", name, address)
             return router, address
         await asyncio.to_thread(kill_and_release, name)  # dead or hung: its name is needed for the new one
-        config = RouterConfig(
-            host=self.config.router_host,
-            port=ports[0] if ports else self.config.router_port + index if self.config.router_port else 0,
-            policy=self.config.router_policy,
-            admission=self.config.router_admission,
-            max_failovers=self.config.router_max_failovers,
-            metrics_port=ports[2] if ports else replica_http_port(self.config.router_metrics_port, index),
-            http_port=ports[1] if ports else replica_http_port(self.config.router_http_port, index),
-            tls_cert_file=self.config.tls_cert_file,
-            tls_key_file=self.config.tls_key_file,
-            auth_max_failures=self.config.auth_max_failures,
-            auth_failure_window_s=self.config.auth_failure_window_s,
-        )
+        config = self.config.router_config(index)
+        if ports:
+            config = dataclasses.replace(config, port=ports[0], http_port=ports[1], metrics_port=ports[2])
         # Detached: a router serves on from its cached table while the control plane restarts.
         router = RouterActor.options(name=name, namespace=NAMESPACE, lifetime="detached").remote(
             config, ray.get_runtime_context().current_actor

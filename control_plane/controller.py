@@ -72,20 +72,7 @@ class PoolInfo:
 
 def engine_config(spec: DeploymentSpec) -> EngineConfig:
     """The engine every worker of `spec` runs."""
-    e = spec.engine
-    return EngineConfig(
-        model=spec.model,
-        dtype=spec.dtype,
-        block_size=e.block_size,
-        kv_cache_bytes=e.kv_cache_bytes,
-        max_num_batched_tokens=e.max_num_batched_tokens,
-        max_num_seqs=e.max_num_seqs,
-        enable_prefix_caching=e.enable_prefix_caching,
-        short_prompt_tokens=e.short_prompt_tokens,
-        max_loras=e.max_loras,
-        max_lora_rank=e.max_lora_rank,
-        num_threads=1,
-    )
+    return spec.engine.engine_config(model=spec.model, dtype=spec.dtype, num_threads=1)
 
 
 def pool_fingerprint(spec: DeploymentSpec, pool: PoolSpec) -> tuple:

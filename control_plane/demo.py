@@ -8,7 +8,6 @@ report, and shuts everything down.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ from rich.console import Console
 from control_plane.admin_client import AdminClient, admin_client_for
 from control_plane.config import ControlPlaneConfig
 from control_plane.spec import AdapterSpec, DeploymentSpec, EngineOptions, PoolSpec, Quota, TenantSpec
+from router.config import RouterConfig
 from router.replay import ReplayTarget
 from router.trace import DEFAULT_TRACE
 
@@ -120,7 +120,7 @@ def run_demo(config: DemoConfig) -> dict:
     )
     try:
         cp_config = ControlPlaneConfig(
-            state_dir=str(workdir / "state"), admin_port=0, router_port=0, router_http_port=-1
+            state_dir=str(workdir / "state"), admin_port=0, router=RouterConfig(port=0, http_port=-1)
         )
         with console.status("starting the control plane, its Redis and the router"):
             # Held until the end: a non-detached actor lives only while its handle does.
@@ -198,7 +198,3 @@ def setup_tenants_and_deployments(admin: AdminClient, paths: dict[str, Path]) ->
         ReplayTarget(deployment="moe", api_key=keys["globex"], label="moe (globex)"),
         ReplayTarget(deployment="chat", api_key=keys["globex"], adapter="globex-legal", label="chat+lora (globex)"),
     ]
-
-
-def summary_json(summary: dict) -> str:
-    return json.dumps(summary, indent=2)

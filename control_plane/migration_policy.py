@@ -1,11 +1,10 @@
 """Which running requests to migrate live, and where: pure functions over worker snapshots (no Ray, no I/O).
 
-Three reasons to move a request (README, "Live migration and failover"):
+Two reasons to move a request (README, "Live migration and failover"):
 
 - `plan_rebalance`: even out the predicted remaining KV demand (blocks held now plus blocks the request
   will still grow into) between the most and the least loaded workers;
-- `plan_drain`: move every running request off a worker that is about to stop;
-- `plan_make_room`: free blocks on a worker for a request of better priority than some running there.
+- `plan_drain`: move every running request off a worker that is about to stop.
 
 Every plan honours a per-worker rate limit (`MigrationHistory`): at most `max_in_flight_per_worker`
 migrations touching a worker at once, and `min_interval_s` between two that start on the same worker.
@@ -18,6 +17,7 @@ import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
+from router.kv_forecast import predicted_remaining_tokens
 from workers.messages import RunningRequestInfo
 
 logger = logging.getLogger(__name__)
@@ -96,16 +96,19 @@ class MigrationDecision:
     source_id: str
     destination_id: str
     reason: str
-    """`rebalance`, `drain` or `make_room`."""
+    """`rebalance` or `drain`."""
     num_blocks: int
     """Blocks the request holds now (what the pre-copy moves)."""
 
 
 def remaining_tokens(request: RunningRequestInfo, predicted: Mapping[str, int] | None = None) -> int:
-    """Tokens the request will still generate: the router's prediction if any, else `max_tokens - generated`."""
+    """Tokens the request will still generate: the caller's prediction if any (from
+    `router.kv_forecast.predicted_remaining_tokens`), else that estimator without a prediction (its cap)."""
     if predicted is not None and request.request_id in predicted:
         return max(int(predicted[request.request_id]), 0)
-    return max(request.max_tokens - request.num_output_tokens, 0)
+    return predicted_remaining_tokens(
+        num_generated=request.num_output_tokens, max_tokens=request.max_tokens, p50=None, p90=None, use_p90=False
+    )
 
 
 def request_demand_blocks(
@@ -197,59 +200,6 @@ def plan_drain(
         target_id = max(fits, key=lambda wid: (free[wid], wid))
         free[target_id] -= request.num_blocks
         decisions.append(_decide(request, source, by_id[target_id], "drain"))
-    return decisions
-
-
-def plan_make_room(
-    worker_id: str,
-    workers: Sequence[WorkerView],
-    *,
-    num_blocks_needed: int,
-    priority: int,
-    history: MigrationHistory,
-    now: float,
-    config: MigrationPolicyConfig,
-) -> list[MigrationDecision]:
-    """Move requests of strictly worse priority than `priority` off `worker_id` until `num_blocks_needed` blocks
-    are free there. Worst priority first, then the smallest (cheapest to copy). Returns [] when even moving all
-    of them would not make room, or rate limits forbid it (no pointless migrations)."""
-    _check_unique(workers)
-    by_id = {w.worker_id: w for w in workers}
-    if worker_id not in by_id:
-        raise ValueError(f"unknown worker {worker_id!r}; known: {sorted(by_id)}")
-    source = by_id[worker_id]
-    missing = num_blocks_needed - source.free_blocks
-    if missing <= 0:
-        return []
-    victims = sorted(
-        (r for r in source.requests if r.priority > priority), key=lambda r: (-r.priority, r.num_blocks, r.request_id)
-    )
-    free = {
-        w.worker_id: w.free_blocks
-        for w in workers
-        if w.accepting and w.worker_id != worker_id and is_rate_allowed(w.worker_id, history, now, config)
-    }
-    if not is_rate_allowed(worker_id, history, now, config):
-        return []
-    decisions = []
-    for request in victims:
-        if missing <= 0:
-            break
-        fits = [wid for wid, n in free.items() if n - request.num_blocks >= config.headroom_blocks]
-        if not fits:
-            continue
-        target_id = max(fits, key=lambda wid: (free[wid], wid))
-        free[target_id] -= request.num_blocks
-        missing -= request.num_blocks
-        decisions.append(_decide(request, source, by_id[target_id], "make_room"))
-    if missing > 0:
-        logger.info(
-            "migration decision skipped reason=make_room source=%s blocks_needed=%d priority=%d: cannot free enough",
-            worker_id,
-            num_blocks_needed,
-            priority,
-        )
-        return []
     return decisions
 
 

@@ -12,11 +12,14 @@ import difflib
 import math
 import re
 import reprlib
+import typing
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import yaml
+
+from workers.engine.config import DEPLOYMENT_FIELDS, EngineConfig
 
 ROLES = ("prefill", "decode", "mixed")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -170,26 +173,8 @@ class PoolSpec:
         return _from_mapping(cls, d, path)
 
 
-@dataclass(kw_only=True, frozen=True)
-class EngineOptions:
-    """Options passed to every worker's engine."""
-
-    block_size: int = 16
-    """Tokens per KV block; a power of two."""
-    kv_cache_bytes: int = 64 * 2**20
-    """Bytes of KV cache each worker allocates."""
-    max_num_batched_tokens: int = 256
-    """Token budget of one engine step (prefill chunks plus decodes)."""
-    max_num_seqs: int = 32
-    """Most sequences running in one step."""
-    max_loras: int = 4
-    """Most distinct LoRA adapters in one batch."""
-    max_lora_rank: int = 16
-    """Largest LoRA rank a worker accepts."""
-    enable_prefix_caching: bool = True
-    """Reuse KV blocks across requests that share a prefix."""
-    short_prompt_tokens: int = 0
-    """LAPS in time on each worker: waiting prompts of at most this many tokens start first; 0 is FCFS."""
+class _EngineOptionsMethods:
+    """Validation and conversions of `EngineOptions`, whose fields are generated from `EngineConfig`."""
 
     _INT_FIELDS: ClassVar[tuple[str, ...]] = (
         "block_size",
@@ -199,16 +184,29 @@ class EngineOptions:
         "max_loras",
         "max_lora_rank",
     )
+    """Options that must be >= 1 in a deployment (an engine alone may run without LoRA slots)."""
 
     def __post_init__(self) -> None:
-        for name in self._INT_FIELDS:
-            _check_int(name, getattr(self, name), minimum=1)
-        _check_int("short_prompt_tokens", self.short_prompt_tokens, minimum=0)
+        for name, tp in typing.get_type_hints(EngineConfig).items():
+            if name not in DEPLOYMENT_FIELDS:
+                continue
+            value = getattr(self, name)
+            if tp is bool and not isinstance(value, bool):
+                raise SpecError(name, f"must be true or false, got {_describe(value)}")
+            if tp is int:
+                _check_int(name, value, minimum=1 if name in self._INT_FIELDS else 0)
         if self.block_size & (self.block_size - 1):
             raise SpecError("block_size", f"must be a power of two, got {self.block_size}")
-        if not isinstance(self.enable_prefix_caching, bool):
-            value = _describe(self.enable_prefix_caching)
-            raise SpecError("enable_prefix_caching", f"must be true or false, got {value}")
+        try:  # the engine's own cross-field rules (e.g. max_num_seqs <= max_num_batched_tokens), at apply time
+            self.engine_config(model="<deployment>")
+        except ValueError as exc:
+            message = str(exc)
+            name = message.split(" ", 1)[0]
+            raise SpecError(name if name in DEPLOYMENT_FIELDS else "", message) from None
+
+    def engine_config(self, *, model: str, **settings: Any) -> EngineConfig:
+        """The `EngineConfig` every worker of the deployment runs: these options plus `model` and `settings`."""
+        return EngineConfig(model=model, **self.to_dict(), **settings)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -216,6 +214,24 @@ class EngineOptions:
     @classmethod
     def from_dict(cls, d: Any, path: str = "") -> EngineOptions:
         return _from_mapping(cls, d, path)
+
+
+def _engine_option_fields() -> list[tuple[str, Any, Any]]:
+    defaults = {f.name: f.default for f in dataclasses.fields(EngineConfig)}
+    hints = typing.get_type_hints(EngineConfig)
+    return [(name, hints[name], field(default=defaults[name])) for name in DEPLOYMENT_FIELDS]
+
+
+EngineOptions = dataclasses.make_dataclass(
+    "EngineOptions",
+    _engine_option_fields(),
+    bases=(_EngineOptionsMethods,),
+    kw_only=True,
+    frozen=True,
+)
+EngineOptions.__module__ = __name__  # pickles by name (make_dataclass takes `module=` only from Python 3.12)
+EngineOptions.__doc__ = """Options passed to every worker's engine: `DEPLOYMENT_FIELDS` of `EngineConfig`
+(workers/engine/config.py), with its types, defaults and docs; `engine_config` builds the engine's config."""
 
 
 @dataclass(kw_only=True, frozen=True)

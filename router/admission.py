@@ -7,6 +7,7 @@ from the policy. When no worker is left, the request waits in its tenant's bound
 within one. A full tenant queue is `ResourceExhausted`; a wait past `max_wait_s` is `Unavailable`, both with
 a `retry_after_s` estimated from the forecast completions.
 
+`decide_admission` is the pure decision (admit on this view, or wait); `AdmissionController` does the waiting.
 Admitting is synchronous with the placement (the caller's `place` records the request in its ledger before
 the next one is looked at), so a burst cannot oversubscribe a worker between two forecasts.
 """
@@ -38,6 +39,8 @@ MAX_RETRY_AFTER_S = 60.0
 class AdmissionConfig:
     """How much KV a forecast may use, how long and how many requests may wait for it."""
 
+    enabled: bool = False
+    """Whether a router runs admission at all (`RouterConfig.admission.enabled`); off, it places at once."""
     headroom: float = 0.95
     """Admit only while the forecast peak stays within this fraction of a worker's KV pool, in (0, 2] (above 1
     overcommits, betting that preemption by recompute is cheaper than waiting)."""
@@ -130,6 +133,39 @@ def estimate_retry_after_s(request: RouteRequest, workers: Sequence[WorkerView],
     return min(max(best, MIN_RETRY_AFTER_S), MAX_RETRY_AFTER_S)
 
 
+@dataclass(kw_only=True, frozen=True)
+class AdmissionVerdict:
+    """The pure admission decision for one request over one view: place now on `view`, or wait."""
+
+    view: ClusterView | None
+    """The view to place on (the admissible one, or the whole view when the deployment has no serving worker,
+    so the policy reports the empty pool); None: the request must wait for capacity."""
+    candidates: tuple[WorkerView, ...] = ()
+    """The healthy serving (decode and mixed) workers of the request's deployment, before the KV filter."""
+    retry_after_s: float = 0.0
+    """When waiting: seconds until forecast completions should free the KV it is short of."""
+
+    @property
+    def is_admitted(self) -> bool:
+        return self.view is not None
+
+
+def decide_admission(request: RouteRequest, view: ClusterView, config: AdmissionConfig) -> AdmissionVerdict:
+    """Admit `request` on the workers of `view` its forecast KV fits, or say it must wait and for how long.
+
+    Pure (no clock, no queue, no I/O): the router's `AdmissionController` and the simulator both call it; the
+    waiting, its fairness and its deadlines are the caller's.
+    """
+    candidates = tuple(serving_candidates(request, view))
+    if not candidates:
+        return AdmissionVerdict(view=view)  # nothing to wait for: the policy reports the empty pool
+    admissible = admissible_view(request, view, config)
+    if serving_candidates(request, admissible):
+        return AdmissionVerdict(view=admissible, candidates=candidates)
+    retry_after_s = estimate_retry_after_s(request, candidates, config)
+    return AdmissionVerdict(view=None, candidates=candidates, retry_after_s=retry_after_s)
+
+
 # --- the controller ----------------------------------------------------------------------------------------------
 
 ViewFn = Callable[[], ClusterView]
@@ -174,17 +210,15 @@ class AdmissionController:
         Raises `ResourceExhausted` when the tenant's queue is full, `Unavailable` when the wait passes
         `max_wait_s`, and whatever `place` raises (e.g. `Unavailable` for an empty pool) unchanged.
         """
-        current = view()
-        candidates = serving_candidates(request, current)
-        if not candidates:
-            return place(current)  # nothing to wait for: the policy reports the empty pool
-        if not self._queues or self.config.max_queued_per_tenant == 0:
-            admissible = admissible_view(request, current, self.config)
-            if serving_candidates(request, admissible):
-                decision = place(admissible)
-                self._log("admit", request, worker=decision.worker_id, candidates=candidates)
-                return decision
-        return await self._wait(request, view=view, place=place, candidates=candidates)
+        verdict = decide_admission(request, view(), self.config)
+        if not verdict.candidates:
+            return place(verdict.view)  # nothing to wait for: the policy reports the empty pool
+        # Others already waiting go first (FIFO per tenant), unless nobody may wait at all.
+        if verdict.is_admitted and (not self._queues or self.config.max_queued_per_tenant == 0):
+            decision = place(verdict.view)
+            self._log("admit", request, worker=decision.worker_id, candidates=verdict.candidates)
+            return decision
+        return await self._wait(request, view=view, place=place, candidates=list(verdict.candidates))
 
     def notify_capacity_freed(self) -> None:
         """A tracked request left a worker: admit waiters that fit now, round-robin across tenants."""
@@ -245,12 +279,11 @@ class AdmissionController:
     def _try_admit(self, waiter: _Waiter) -> bool:
         """Place the head of a tenant's queue if it fits now (or fail it if placing raised); False: still queued."""
         try:
-            current = waiter.view()
-            admissible = admissible_view(waiter.request, current, self.config)
-            if not serving_candidates(waiter.request, admissible):
+            verdict = decide_admission(waiter.request, waiter.view(), self.config)
+            if verdict.view is None:
                 return False
-            decision = waiter.place(admissible)
-            candidates = serving_candidates(waiter.request, current)
+            decision = waiter.place(verdict.view)
+            candidates = verdict.candidates
         except Exception as exc:  # the waiter's own failure (e.g. its pool emptied) is its answer, not ours
             self._pop_head(waiter)
             waiter.future.set_exception(exc)

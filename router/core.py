@@ -14,7 +14,7 @@ import math
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Protocol
@@ -36,6 +36,7 @@ from router.errors import (
 from router.kv_forecast import KvLedger
 from router.length_predictor import LengthPredictor, prompt_features
 from router.metrics import RouterMetrics
+from router.placement import PlacementCore, ViewOverlay, without_workers
 from router.policy import ClusterView, Decision, LeastLoadedPolicy, NoCapacityError, Policy, RouteRequest
 from router.quota import QuotaExceededError, QuotaTracker
 from router.table import DeploymentRoute, RoutingTable
@@ -118,22 +119,42 @@ class RouterCore:
         # A private registry by default: only the process's router (`RouterReplica`) records into the served one.
         self.metrics = metrics or RouterMetrics(CollectorRegistry())
         self.failover = failover or FailoverConfig()
-        self.policy = policy or LeastLoadedPolicy()
         self.quotas = quotas or QuotaTracker()
-        self.predictor = predictor
         # None places at once wherever the policy says, as before predictive admission existed.
         self.admission = admission
+        # predict → admit → place → ledger, the same object the simulator runs. Its ledger is always kept (cheap):
+        # it feeds `WorkerView.kv_ledger`, which length-aware scorers and admission read.
+        self.placement = PlacementCore(
+            policy or LeastLoadedPolicy(),
+            predictor=predictor,
+            admission=admission.config if admission is not None else None,
+        )
         self._inflight: Counter[str] = Counter()
+        self._overlay = ViewOverlay(self._inflight, self.placement.ledger)
         self._request_ids: set[str] = set()
         """Ids of the requests in flight on this router; a second request under one of them is refused."""
-        # Always kept (cheap): it feeds `WorkerView.kv_ledger`, which length-aware scorers read.
-        self.kv_ledger = KvLedger()
         self._ledger_keys = itertools.count()
         self._last_forced_refresh = 0.0
         self._forced_refresh: asyncio.Future | None = None
         self.tier_config = tiers or TierSelectorConfig()
         self._tier_selectors: dict[str, TierSelector] = {}
         """Tier group name -> its selector; each calibrates on its own group's traffic."""
+
+    @property
+    def policy(self) -> Policy:
+        return self.placement.policy
+
+    @property
+    def predictor(self) -> LengthPredictor | None:
+        return self.placement.predictor
+
+    @predictor.setter
+    def predictor(self, predictor: LengthPredictor | None) -> None:
+        self.placement.predictor = predictor  # a router restores the saved one after it started
+
+    @property
+    def kv_ledger(self) -> KvLedger:
+        return self.placement.ledger
 
     def authenticate(self, api_key: str | None) -> str:
         """The tenant behind `api_key`, or `Unauthenticated`."""
@@ -258,11 +279,7 @@ class RouterCore:
                     f"request_id {inp.request_id!r} is already in flight; give each request its own id"
                 )
             features = prompt_features(inp.prompt) if self.predictor is not None and inp.prompt else None
-            if self.predictor is not None:
-                prediction = self.predictor.predict(route, features)
-                route = dataclasses.replace(
-                    route, predicted_output_p50=prediction.p50, predicted_output_p90=prediction.p90
-                )
+            route = self.placement.predict(route, features)
             limits = self.directory.table().tenants.get(tenant)
             if limits is None:
                 raise Unauthenticated(f"tenant {tenant!r} no longer exists")
@@ -280,7 +297,7 @@ class RouterCore:
                 decision = await self._place_admitted(route, ledger_key)
                 request.on_placed()
                 placed = [w for w in (decision.worker_id, decision.prefill_worker_id) if w]
-                self._inflight.update(placed)
+                self._count_inflight(placed, +1)
 
                 def replan(lost: frozenset[str]) -> tuple[Decision, Mapping[str, WorkerClient]]:
                     return self._replan(route, lost), self.directory.clients()
@@ -288,19 +305,12 @@ class RouterCore:
                 def on_placed(moved: Decision) -> None:
                     # Load accounting follows the request to its new worker (failover or migration).
                     nonlocal placed
-                    self._inflight.subtract(placed)
+                    self._count_inflight(placed, -1)
                     placed = [w for w in (moved.worker_id, moved.prefill_worker_id) if w]
-                    self._inflight.update(placed)
-                    self.kv_ledger.finish(ledger_key)
-                    self.kv_ledger.place(
-                        ledger_key,
-                        worker_id=moved.worker_id,
-                        num_prompt_tokens=route.num_prompt_tokens_estimate,
-                        max_tokens=route.max_tokens,
-                        predicted_output_p50=route.predicted_output_p50,
-                        predicted_output_p90=route.predicted_output_p90,
-                    )
-                    self.kv_ledger.record_tokens(ledger_key, num_output_tokens)
+                    self._count_inflight(placed, +1)
+                    if ledger_key in self.kv_ledger:  # not once its finish released it
+                        self._overlay.mark([self.kv_ledger.worker_of(ledger_key) or "", moved.worker_id])
+                        self.placement.move(ledger_key, moved.worker_id)
 
                 try:
                     stream = run_placed(
@@ -312,12 +322,13 @@ class RouterCore:
                         on_placed=on_placed,
                     )
                     async with aclosing(stream):
-                        async for chunk in _translate_errors(stream):
+                        while (chunk := await _next_chunk(stream)) is not None:
                             used_tokens += len(chunk.token_ids)
                             num_output_tokens += len(chunk.token_ids)
                             self.kv_ledger.record_tokens(
                                 ledger_key, len(chunk.token_ids), num_prompt_tokens=chunk.num_prompt_tokens
                             )
+                            self._overlay.mark(placed)
                             if chunk.token_ids:
                                 request.on_tokens(len(chunk.token_ids))
                             if chunk.finished:
@@ -325,10 +336,10 @@ class RouterCore:
                                 request.on_finished(chunk.finish_reason or "", chunk.num_prompt_tokens)
                             if chunk.finished and chunk.finish_reason in ("stop", "length") and self.predictor:
                                 # Only complete generations teach the predictor; aborted lengths are unknown.
-                                self.predictor.observe(route, num_output_tokens, features)
+                                self.placement.observe(route, num_output_tokens, features)
                             yield chunk
                 finally:
-                    self._inflight.subtract(placed)
+                    self._count_inflight(placed, -1)
             except RouterError:
                 if not num_output_tokens:
                     used_tokens = 0  # refused by the worker or failed before its first token: nothing to charge
@@ -377,38 +388,19 @@ class RouterCore:
                 return self._forced_refresh
             await asyncio.sleep(wait_s)
 
-    def _place(self, route: RouteRequest) -> Decision:
-        return self._route(route, self._view())
-
     def _replan(self, route: RouteRequest, lost: frozenset[str]) -> Decision:
         """Place a request again after it lost the workers in `lost`, never on one of them."""
         mark_unhealthy = getattr(self.directory, "mark_unhealthy", None)
         for worker_id in lost:
             if mark_unhealthy is not None:
                 mark_unhealthy(worker_id)
-        view = self._view()
-        without_lost = ClusterView(
-            workers={
-                dep: [dataclasses.replace(w, is_healthy=False) if w.worker_id in lost else w for w in workers]
-                for dep, workers in view.workers.items()
-            }
-        )
-        return self._route(route, without_lost)
+        return self._route(route, without_workers(self._view(), lost))
 
     async def _place_admitted(self, route: RouteRequest, ledger_key: str) -> Decision:
         """Place `route` (through admission when configured) and start tracking it in the KV ledger."""
 
         def place(view: ClusterView) -> Decision:
-            decision = self._route(route, view)
-            self.kv_ledger.place(
-                ledger_key,
-                worker_id=decision.worker_id,
-                num_prompt_tokens=route.num_prompt_tokens_estimate,
-                max_tokens=route.max_tokens,
-                predicted_output_p50=route.predicted_output_p50,
-                predicted_output_p90=route.predicted_output_p90,
-            )
-            return decision
+            return self._route(route, view, ledger_key)
 
         if self.admission is None:
             return place(self._view())
@@ -424,29 +416,30 @@ class RouterCore:
             raise
 
     def _release_kv(self, ledger_key: str) -> None:
-        if self.kv_ledger.finish(ledger_key) and self.admission is not None:
+        worker_id = self.kv_ledger.worker_of(ledger_key)
+        if worker_id is None or not self.placement.finish(ledger_key):
+            return
+        self._overlay.mark((worker_id,))
+        if self.admission is not None:
             self.admission.notify_capacity_freed()
 
-    def _view(self) -> ClusterView:
-        """The directory's view with what only this router knows: its in-flight counts and its KV ledger."""
-        view = self.directory.view()
-        if not self._inflight and not len(self.kv_ledger):
-            return view
-        return ClusterView(
-            workers={
-                dep: [
-                    dataclasses.replace(
-                        w, num_inflight=self._inflight[w.worker_id], kv_ledger=self.kv_ledger.snapshot(w.worker_id)
-                    )
-                    for w in workers
-                ]
-                for dep, workers in view.workers.items()
-            }
-        )
+    def _count_inflight(self, worker_ids: Sequence[str], delta: int) -> None:
+        for worker_id in worker_ids:
+            self._inflight[worker_id] += delta
+        self._overlay.mark(worker_ids)
 
-    def _route(self, route: RouteRequest, view: ClusterView) -> Decision:
+    def _view(self) -> ClusterView:
+        """The directory's view with what only this router knows (in-flight counts, KV ledger), kept incrementally:
+        only workers whose counts changed since the last view are re-derived."""
+        return self._overlay.view(self.directory.view())
+
+    def _route(self, route: RouteRequest, view: ClusterView, ledger_key: str | None = None) -> Decision:
+        """The placement core's decision (tracked under `ledger_key` when given), with its metrics."""
         try:
-            decision = self.policy.route(route, view)
+            if ledger_key is None:
+                decision = self.placement.route(route, view)
+            else:
+                decision = self.placement.place(route, view, ledger_key)
         except NoCapacityError as exc:
             self.metrics.on_rejected("no_capacity", route.deployment, route.tenant)
             raise _NoCapacity(str(exc), retry_after_s=exc.retry_after_s) from None
@@ -488,11 +481,14 @@ def _check_lengths(deployment: DeploymentRoute, num_prompt_tokens: int | None, m
         )
 
 
-async def _translate_errors(stream: AsyncIterator[TokenChunk]) -> AsyncIterator[TokenChunk]:
-    """Worker failures become client-facing `RouterError`s; nothing else escapes."""
+async def _next_chunk(stream: AsyncIterator[TokenChunk]) -> TokenChunk | None:
+    """The stream's next chunk (None at its end); worker failures become client-facing `RouterError`s.
+
+    A coroutine, not a wrapping generator: each token passes through one generator less."""
     try:
-        async for chunk in stream:
-            yield chunk
+        return await anext(stream)
+    except StopAsyncIteration:
+        return None
     except RouterError:
         raise
     except InvalidRequestError as exc:

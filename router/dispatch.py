@@ -221,16 +221,16 @@ async def _raise_lost(worker_id: str, message: str) -> AsyncIterator[TokenChunk]
     yield  # pragma: no cover - makes this an async generator
 
 
-async def _stream(
-    decision: Decision, call: GenerateCall, clients: Mapping[str, WorkerClient]
-) -> AsyncIterator[TokenChunk]:
+def _stream(decision: Decision, call: GenerateCall, clients: Mapping[str, WorkerClient]) -> AsyncIterator[TokenChunk]:
+    """The worker stream of `call`: the mixed worker's own, or a prefill-then-decode one."""
     worker = _client(clients, decision.worker_id)
     if decision.prefill_worker_id is None:
-        async with aclosing(worker.generate(call)) as chunks:
-            async for chunk in chunks:
-                yield chunk
-        return
-    prefill = _client(clients, decision.prefill_worker_id)
+        return worker.generate(call)
+    return _disaggregated(_client(clients, decision.prefill_worker_id), worker, call)
+
+
+async def _disaggregated(prefill: WorkerClient, worker: WorkerClient, call: GenerateCall) -> AsyncIterator[TokenChunk]:
+    """Prefill `call` on one worker, then decode it on another from the exported KV; logs the handoff's cost."""
     start = time.perf_counter()
     result, kv = await prefill.prefill(call)
     prefill_ms = (time.perf_counter() - start) * 1e3

@@ -53,10 +53,6 @@ class Unavailable(RouterError):
     status = Status.UNAVAILABLE
 
 
-class DeadlineExceeded(RouterError):
-    status = Status.DEADLINE_EXCEEDED
-
-
 class WorkerLost(Unavailable):
     """The worker serving a request died or became unreachable mid-call (e.g. a Ray actor died).
 

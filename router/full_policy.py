@@ -6,7 +6,8 @@ One `WeightedPolicy` whose terms apply by pool:
   prefill tokens, load, and prefix-cache affinity (bounded by load, so a hot prefix cannot pile onto one worker);
 - decode pool: forecast peak KV with the request added (predicted output x KV per token), load, and LoRA
   adapter residency;
-- mixed pool: the decode terms plus prefix affinity (a mixed worker also runs the prompt).
+- mixed pool: the decode terms plus queued prefill tokens and prefix affinity (a mixed worker also runs the
+  prompt: its queued prefill delays the newcomer's first token and, chunk by chunk, every decode step there).
 
 Weights are in "queued requests": a term of weight w moves a worker by up to w requests' worth of load.
 Stateful only through the LAPS splitter, which learns the prompt-length distribution from the requests it
@@ -32,10 +33,13 @@ from router.policy import (
     WorkerView,
 )
 from router.prefix_affinity import PrefixAffinityConfig, PrefixAffinityScorer
+from router.raylane_search import RaylaneSearch
 
 _PREFILL = frozenset({"prefill"})
 _DECODING = frozenset({"decode", "mixed"})
 _PROMPT = frozenset({"prefill", "mixed"})
+_DECODE = frozenset({"decode"})
+_MIXED = frozenset({"mixed"})
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -43,13 +47,22 @@ class RaylanePolicyConfig:
     """Weights of the full policy's terms (all finite and >= 0; 0 turns a term off but keeps it in the log)."""
 
     predicted_kv_weight: float = 4.0
-    """Decode and mixed pools: forecast peak KV occupancy (fraction of the pool) with the request added."""
+    """Decode pool: forecast peak KV occupancy (fraction of the pool) with the request added."""
+    mixed_predicted_kv_weight: float = 1.0
+    """Mixed pool: the same forecast. Lower than on a decode pool because there it competes with queued prefill,
+    not with request counts: a whole pool's KV difference weighs as one threshold-sized queued prompt, so an
+    abundant KV pool (where the forecast only adds length-prediction noise) no longer outvotes the backlog."""
     decode_load_weight: float = 0.5
-    """Decode and mixed pools: outstanding requests, a tie-breaker once KV demand is balanced."""
+    """Decode pool: outstanding requests, a tie-breaker once KV demand is balanced."""
+    mixed_load_weight: float = 0.02
+    """Mixed pool: outstanding requests, only a tie-breaker. A running decode takes one token of a mixed worker's
+    step budget, while queued prefill (`prefill_backlog_weight`) takes whole chunks: weighing requests like prompts
+    (as least-outstanding does) sends a newcomer behind a long prompt to spare it a few short decodes."""
     adapter_weight: float = 0.5
     """Decode and mixed pools: 1 when the request's LoRA adapter is not resident (a load before decoding)."""
     prefill_backlog_weight: float = 1.0
-    """Prefill pool: queued prefill tokens, per LAPS-threshold-sized prompt (the learned short/long boundary)."""
+    """Prefill and mixed pools: queued prefill tokens, per LAPS-threshold-sized prompt (the learned short/long
+    boundary). Request counts hide job size: one queued long prompt delays a newcomer more than several short ones."""
     prefill_load_weight: float = 0.5
     """Prefill pool: outstanding requests; fresher than the backlog (it counts this router's placements since
     the worker's last report)."""
@@ -61,13 +74,17 @@ class RaylanePolicyConfig:
     """Prefill pool: serving the other length class costs this many queued requests (a soft partition)."""
     laps: LapsConfig = field(default_factory=LapsConfig)
     """How prompts are split into short and long and prefill workers into the two classes."""
-    prefix: PrefixAffinityConfig = field(default_factory=PrefixAffinityConfig)
-    """How far load may void a cache hit, and how much of a prompt is hashed."""
+    prefix: PrefixAffinityConfig = field(default_factory=lambda: PrefixAffinityConfig(max_load_gap=16.0))
+    """How far load may void a cache hit, and how much of a prompt is hashed. The gap is wider than the scorer's
+    own default: the backlog term already prices a hot prefix holder's queued prompts, so a count gap of a few
+    short requests should not void a hit that saves a long prompt's prefill."""
 
     def __post_init__(self) -> None:
         for name in (
             "predicted_kv_weight",
+            "mixed_predicted_kv_weight",
             "decode_load_weight",
+            "mixed_load_weight",
             "adapter_weight",
             "prefill_backlog_weight",
             "prefill_load_weight",
@@ -96,28 +113,38 @@ class RaylanePolicy:
         self._pools: dict[tuple[str, str], list[WorkerView]] = {}
         pool = self._pool
         c = self.config
-        self.weighted = WeightedPolicy(
-            (
-                WeightedTerm(scorer=PredictedKvScorer(), weight=c.predicted_kv_weight, roles=_DECODING),
-                WeightedTerm(scorer=LoadScorer(), weight=c.decode_load_weight, roles=_DECODING),
-                WeightedTerm(scorer=AdapterAffinityScorer(), weight=c.adapter_weight, roles=_DECODING),
-                WeightedTerm(
-                    scorer=PrefillBacklogScorer(unit_tokens=lambda: self.splitter.threshold),
-                    weight=c.prefill_backlog_weight,
-                    roles=_PREFILL,
-                ),
-                WeightedTerm(scorer=LoadScorer(), weight=c.prefill_load_weight, roles=_PREFILL),
-                WeightedTerm(scorer=LapsPrefillScorer(self.splitter, pool=pool), weight=c.laps_weight, roles=_PREFILL),
-                WeightedTerm(scorer=PrefixAffinityScorer(c.prefix, pool=pool), weight=c.prefix_weight, roles=_PROMPT),
+        prefix = PrefixAffinityScorer(c.prefix, pool=pool)
+        terms = (
+            WeightedTerm(scorer=PredictedKvScorer(), weight=c.predicted_kv_weight, roles=_DECODE),
+            WeightedTerm(scorer=PredictedKvScorer(), weight=c.mixed_predicted_kv_weight, roles=_MIXED),
+            WeightedTerm(scorer=LoadScorer(), weight=c.decode_load_weight, roles=_DECODE),
+            WeightedTerm(scorer=LoadScorer(), weight=c.mixed_load_weight, roles=_MIXED),
+            WeightedTerm(scorer=AdapterAffinityScorer(), weight=c.adapter_weight, roles=_DECODING),
+            WeightedTerm(
+                scorer=PrefillBacklogScorer(unit_tokens=lambda: self.splitter.threshold),
+                weight=c.prefill_backlog_weight,
+                roles=_PROMPT,
             ),
-            name=self.name,
+            WeightedTerm(scorer=LoadScorer(), weight=c.prefill_load_weight, roles=_PREFILL),
+            WeightedTerm(scorer=LapsPrefillScorer(self.splitter, pool=pool), weight=c.laps_weight, roles=_PREFILL),
+            WeightedTerm(scorer=prefix, weight=c.prefix_weight, roles=_PROMPT),
         )
+        # With a view's pool index, decode and mixed pools score a few workers, with a full scan's decisions.
+        search = RaylaneSearch(terms, prefix=prefix)
+        self.weighted = WeightedPolicy(terms, name=self.name, search=search)
 
     def _pool(self, request: RouteRequest, worker: WorkerView) -> list[WorkerView]:
         key = (worker.deployment, worker.role)
         pool = self._pools.get(key)
         if pool is None:
-            pool = self._pools[key] = self._view.candidates(*key)
+            index = self._view.index.pool(*key) if self._view.index is not None else None
+            if index is not None and worker.role != "prefill":
+                # Off prefill pools only the prefix term reads the pool, and only its least load: the least-loaded
+                # worker stands for the pool, so the index spares building the whole list.
+                least = index.least_loaded()
+                pool = self._pools[key] = [least] if least is not None else []
+            else:
+                pool = self._pools[key] = self._view.candidates(*key)
         return pool
 
     def route(self, request: RouteRequest, view: ClusterView) -> Decision:

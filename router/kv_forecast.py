@@ -13,6 +13,7 @@ Plain Python with no clock and no asyncio: the router, the simulator and the tes
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -251,16 +252,38 @@ class KvLedger:
             predicted_output_p90=request.predicted_output_p90,
         )
 
+    def set_generated(self, key: str, num_generated: int) -> None:
+        """The request has generated `num_generated` tokens in all (a caller that polls progress, e.g. the
+        simulator, rather than counting streamed chunks). An unknown key is ignored, as in `record_tokens`."""
+        entry = self._entries.get(key)
+        if entry is None or entry.request.num_generated == num_generated:
+            return
+        entry.request = dataclasses.replace(entry.request, num_generated=max(num_generated, 0))
+
+    def move(self, key: str, worker_id: str) -> bool:
+        """The request now runs on `worker_id` (failover or migration), with its counts; False if untracked."""
+        entry = self._entries.get(key)
+        if entry is None:
+            return False
+        if entry.worker_id != worker_id:
+            self._drop_from_worker(key, entry.worker_id)
+            entry.worker_id = worker_id
+            self._by_worker.setdefault(worker_id, {})[key] = entry
+        return True
+
     def finish(self, key: str) -> bool:
         """Stop tracking `key` (finished, cancelled or failed); True if it was tracked. Idempotent."""
         entry = self._entries.pop(key, None)
         if entry is None:
             return False
-        on_worker = self._by_worker[entry.worker_id]
+        self._drop_from_worker(key, entry.worker_id)
+        return True
+
+    def _drop_from_worker(self, key: str, worker_id: str) -> None:
+        on_worker = self._by_worker[worker_id]
         del on_worker[key]
         if not on_worker:
-            del self._by_worker[entry.worker_id]
-        return True
+            del self._by_worker[worker_id]
 
     def worker_of(self, key: str) -> str | None:
         entry = self._entries.get(key)

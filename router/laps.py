@@ -1,42 +1,33 @@
 """LAPS, length-aware prefill scheduling: keep short prefills from queueing behind long ones.
 
 A `LengthSplitter` learns the short/long threshold from recent prompt lengths (a decayed log-bucket
-histogram) and moves it only past a relative dead band, so classes do not flap. Two ways to use it:
-
-- in space: `LapsPrefillPolicy` (or `LapsPrefillScorer` in a `WeightedPolicy`) sends short and long
-  prefills to disjoint subsets of the prefill workers, sized by each class's share of prefill tokens;
-- in time, on one worker: `TwoQueueScheduler` serves shorts first, with a bound on how long a long waits.
-
-`ShortPrefillBatcher` holds shorts for at most `window_ms` (or until `max_batch_tokens`) and releases them
-together, so one prefill step carries many small prompts. All of it is plain Python; clocks are injected.
+histogram) and moves it only past a relative dead band, so classes do not flap. `LapsPrefillScorer` (a term of
+the `raylane` policy) sends short and long prefills to disjoint subsets of the prefill workers, sized by each
+class's share of prefill tokens. LAPS in time, on one worker, is the engine's (`workers/engine/waiting_order.py`).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
-import time
-from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from router.policy import ClusterView, Decision, RouteRequest, WorkerView, load_score, log_decision, place_by_role
+from router.log_histogram import LogHistogram
+from router.policy import RouteRequest, WorkerView
 from router.prefix_affinity import PoolProvider
 
 logger = logging.getLogger(__name__)
 
 LengthClass = Literal["short", "long"]
-Clock = Callable[[], float]
-"""Seconds on a monotonic clock."""
 
 _RESCALE_AT = 1e150  # lazy decay grows the increment geometrically; fold it back before floats overflow
 
 
 @dataclass(kw_only=True, frozen=True)
 class LapsConfig:
-    """How LAPS splits prompts into short and long, partitions workers, batches shorts and orders queues."""
+    """How LAPS splits prompts into short and long and partitions the prefill workers between them."""
 
     split: Literal["quantile", "token_balance"] = "quantile"
     """`quantile`: the threshold is a quantile of prompt lengths; `token_balance`: the length below which
@@ -59,14 +50,6 @@ class LapsConfig:
     """Re-estimate the threshold every this many observations; >= 1."""
     partition_hysteresis: float = 0.25
     """Extra workers' worth of drift in the ideal split before a worker changes class; >= 0."""
-    window_ms: float = 5.0
-    """Longest a short prefill waits in the batcher for company; >= 0."""
-    max_batch_tokens: int = 4096
-    """The batcher releases once its shorts total this many prompt tokens; >= 1."""
-    max_short_streak: int = 8
-    """Two-queue scheduler: shorts served in a row while a long waits before the long goes next; >= 1."""
-    max_long_wait_ms: float = 500.0
-    """Two-queue scheduler: a long that waited this long goes next, whatever the streak; >= 0."""
 
     def __post_init__(self) -> None:
         if self.split not in ("quantile", "token_balance"):
@@ -74,14 +57,12 @@ class LapsConfig:
         for name in ("quantile", "short_token_share"):
             if not 0.0 < getattr(self, name) < 1.0:
                 raise ValueError(f"{name} must be in (0, 1), got {getattr(self, name)}")
-        for name in ("initial_threshold", "min_samples", "bins_per_octave", "recompute_every", "max_batch_tokens"):
+        for name in ("initial_threshold", "min_samples", "bins_per_octave", "recompute_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.max_short_streak < 1:
-            raise ValueError(f"max_short_streak must be >= 1, got {self.max_short_streak}")
         if not (math.isfinite(self.half_life) and self.half_life > 0):
             raise ValueError(f"half_life must be finite and > 0, got {self.half_life}")
-        for name in ("hysteresis", "partition_hysteresis", "window_ms", "max_long_wait_ms"):
+        for name in ("hysteresis", "partition_hysteresis"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
                 raise ValueError(f"{name} must be finite and >= 0, got {value}")
@@ -93,8 +74,8 @@ class LapsConfig:
 class LengthSplitter:
     """Streaming short/long threshold over prompt lengths, with exponential forgetting and hysteresis.
 
-    Each length lands in a log-spaced bin; the bin holds a decayed request count and token count. The
-    estimate interpolates geometrically within the bin where the cumulative mass crosses the target.
+    Two `LogHistogram`s over prompt lengths: one weighted by requests, one by their tokens. The estimate is
+    the length where the chosen one's cumulative weight crosses the target, interpolated inside its bin.
     """
 
     def __init__(self, config: LapsConfig | None = None) -> None:
@@ -102,9 +83,8 @@ class LengthSplitter:
         self._init_state()
 
     def _init_state(self) -> None:
-        num_bins = 40 * self.config.bins_per_octave  # up to 2**40 tokens: no real prompt reaches the top bin
-        self._counts = [0.0] * num_bins
-        self._tokens = [0.0] * num_bins
+        self._requests = LogHistogram(self.config.bins_per_octave)
+        self._tokens = LogHistogram(self.config.bins_per_octave)
         self._increment = 1.0
         self._growth = 2.0 ** (1.0 / self.config.half_life)
         self.num_observed = 0
@@ -117,9 +97,8 @@ class LengthSplitter:
     def observe(self, num_prompt_tokens: int) -> None:
         """Count one prompt; every `recompute_every` observations, maybe move the threshold."""
         length = max(int(num_prompt_tokens), 1)
-        b = self._bin(length)
-        self._counts[b] += self._increment
-        self._tokens[b] += self._increment * length
+        self._requests.add(length, self._increment)
+        self._tokens.add(length, self._increment * length)
         # Growing the weight of new samples is the same as decaying all old ones, at O(1) per observation.
         self._increment *= self._growth
         if self._increment > _RESCALE_AT:
@@ -131,21 +110,17 @@ class LengthSplitter:
     def estimate(self) -> int:
         """The threshold the recent distribution implies now, before hysteresis."""
         if self.config.split == "quantile":
-            return max(round(_weighted_quantile(self._counts, self.config.quantile, self.config.bins_per_octave)), 1)
-        share = self.config.short_token_share
-        return max(round(_weighted_quantile(self._tokens, share, self.config.bins_per_octave)), 1)
+            histogram, share = self._requests, self.config.quantile
+        else:
+            histogram, share = self._tokens, self.config.short_token_share
+        (value,) = histogram.quantiles((share,))
+        return 1 if math.isnan(value) else max(round(value), 1)
 
     def long_token_share(self) -> float:
         """Share of recent prefill tokens in prompts above the current threshold, in [0, 1]."""
-        total = math.fsum(self._tokens)
-        if total == 0:
+        if self._tokens.total <= 0:
             return 0.0
-        cut = self._bin(self.threshold)
-        # The threshold's own bin is split by where the threshold sits inside it, geometrically.
-        lo, hi = self._edges(cut)
-        inside = math.log(self.threshold / lo) / math.log(hi / lo) if self.threshold > lo else 0.0
-        above = math.fsum(self._tokens[cut + 1 :]) + self._tokens[cut] * (1.0 - min(max(inside, 0.0), 1.0))
-        return above / total
+        return self._tokens.mass_above(self.threshold) / self._tokens.total
 
     def _maybe_move(self, estimate: int) -> None:
         if abs(estimate - self.threshold) <= self.config.hysteresis * self.threshold:
@@ -161,33 +136,11 @@ class LengthSplitter:
         self.threshold = estimate
         self.num_threshold_changes += 1
 
-    def _bin(self, length: int) -> int:
-        return min(int(math.log2(max(length, 1)) * self.config.bins_per_octave), len(self._counts) - 1)
-
-    def _edges(self, b: int) -> tuple[float, float]:
-        per = self.config.bins_per_octave
-        return 2.0 ** (b / per), 2.0 ** ((b + 1) / per)
-
     def _rescale(self) -> None:
         scale = 1.0 / self._increment
-        self._counts = [c * scale for c in self._counts]
-        self._tokens = [t * scale for t in self._tokens]
+        self._requests.scale(scale)
+        self._tokens.scale(scale)
         self._increment = 1.0
-
-
-def _weighted_quantile(mass: Sequence[float], q: float, bins_per_octave: int) -> float:
-    """The point below which a share `q` of `mass` lies, interpolated geometrically inside its bin."""
-    total = math.fsum(mass)
-    if total == 0:
-        return 1.0
-    target = q * total
-    cumulative = 0.0
-    for b, m in enumerate(mass):
-        if m > 0 and cumulative + m >= target:
-            frac = (target - cumulative) / m
-            return 2.0 ** ((b + frac) / bins_per_octave)
-        cumulative += m
-    return 2.0 ** (len(mass) / bins_per_octave)
 
 
 # ---- in space: disjoint worker subsets ---------------------------------------------------------------------------
@@ -230,47 +183,6 @@ class PrefillPartitioner:
         return ordered[len(ordered) - k :] if length_class == "long" else ordered[: len(ordered) - k]
 
 
-class LapsPrefillPolicy:
-    """`Policy`: on prefill pools, the least-loaded worker of the request's length class; elsewhere least loaded.
-
-    Stateful like the round-robin baseline: each routed request's prompt length feeds the splitter (after
-    it was classified), so decisions depend on the sequence of requests, deterministically.
-    """
-
-    name = "laps"
-
-    def __init__(
-        self,
-        config: LapsConfig | None = None,
-        *,
-        splitter: LengthSplitter | None = None,
-        partition_roles: frozenset[str] = frozenset({"prefill"}),
-    ) -> None:
-        self.config = config or LapsConfig()
-        self.splitter = splitter or LengthSplitter(self.config)
-        self.partitioner = PrefillPartitioner(self.config)
-        self.partition_roles = partition_roles
-
-    def route(self, request: RouteRequest, view: ClusterView) -> Decision:
-        length_class = self.splitter.classify(request.num_prompt_tokens_estimate)
-        share = self.splitter.long_token_share()
-
-        def pick(req: RouteRequest, candidates: Sequence[WorkerView], role: str) -> tuple[WorkerView, dict[str, float]]:
-            kept = candidates
-            if role in self.partition_roles:
-                members = set(self.partitioner.members(candidates, length_class, share))
-                kept = [w for w in candidates if w.worker_id in members]
-            scores = {w.worker_id: load_score(w) for w in kept}
-            return min(kept, key=lambda w: (scores[w.worker_id], w.worker_id)), scores
-
-        decision = place_by_role(request, view, pick, policy=self.name)
-        detail = f"class={length_class} threshold={self.splitter.threshold} long_token_share={share:.3f}"
-        decision = dataclasses.replace(decision, reason=f"{decision.reason} {detail}")
-        log_decision(self.name, request, decision)
-        self.splitter.observe(request.num_prompt_tokens_estimate)
-        return decision
-
-
 class LapsPrefillScorer:
     """`Scorer`: 0 when `worker` serves the request's length class, 1 when it serves the other class.
 
@@ -307,143 +219,3 @@ class LapsPrefillScorer:
             self._memo_members = frozenset(self.partitioner.members(self.pool(request, worker), length_class, share))
             self._memo_request, self._memo_pool = request, pool_key
         return 0.0 if worker.worker_id in self._memo_members else 1.0
-
-
-# ---- in time: batching shorts, and two queues on one worker ------------------------------------------------------
-
-
-@dataclass(kw_only=True, frozen=True)
-class QueuedPrefill:
-    """One prefill waiting in a LAPS queue or batch."""
-
-    request_id: str
-    """The request."""
-    num_tokens: int
-    """Its prompt length in tokens."""
-    enqueued_at: float
-    """Clock reading when it arrived."""
-
-
-@dataclass(kw_only=True, frozen=True)
-class PrefillBatch:
-    """Short prefills released together."""
-
-    items: tuple[QueuedPrefill, ...]
-    """The prefills, in arrival order."""
-    num_tokens: int
-    """Their total prompt tokens."""
-    reason: Literal["size", "window"]
-    """`size`: the batch reached `max_batch_tokens`; `window`: its oldest member waited `window_ms`."""
-
-
-class ShortPrefillBatcher:
-    """Collects short prefills for up to `window_ms` or `max_batch_tokens`, then releases them as one batch.
-
-    `add` and `poll` return the batches due now; the caller wakes at `next_release_at()` to poll. A prefill
-    that would push the batch past `max_batch_tokens` first releases the batch it cannot join.
-    """
-
-    def __init__(self, config: LapsConfig | None = None, *, clock: Clock = time.monotonic) -> None:
-        self.config = config or LapsConfig()
-        self.clock = clock
-        self._pending: list[QueuedPrefill] = []
-        self._num_tokens = 0
-
-    @property
-    def num_pending(self) -> int:
-        return len(self._pending)
-
-    def add(self, request_id: str, num_tokens: int) -> list[PrefillBatch]:
-        released = self.poll()
-        if self._pending and self._num_tokens + num_tokens > self.config.max_batch_tokens:
-            released.append(self._release("size"))
-        self._pending.append(QueuedPrefill(request_id=request_id, num_tokens=num_tokens, enqueued_at=self.clock()))
-        self._num_tokens += num_tokens
-        if self._num_tokens >= self.config.max_batch_tokens:
-            released.append(self._release("size"))
-        return released
-
-    def poll(self) -> list[PrefillBatch]:
-        """The pending batch, if its oldest member has waited `window_ms`."""
-        deadline = self.next_release_at()
-        if deadline is not None and self.clock() >= deadline:
-            return [self._release("window")]
-        return []
-
-    def next_release_at(self) -> float | None:
-        """Clock reading at which the pending batch is due; None when nothing waits."""
-        if not self._pending:
-            return None
-        return self._pending[0].enqueued_at + self.config.window_ms / 1000.0
-
-    def _release(self, reason: Literal["size", "window"]) -> PrefillBatch:
-        batch = PrefillBatch(items=tuple(self._pending), num_tokens=self._num_tokens, reason=reason)
-        logger.debug(
-            "laps batch release reason=%s num_requests=%d num_tokens=%d waited_ms=%.2f",
-            reason,
-            len(batch.items),
-            batch.num_tokens,
-            (self.clock() - batch.items[0].enqueued_at) * 1000.0,
-        )
-        self._pending, self._num_tokens = [], 0
-        return batch
-
-
-def choose_queue(
-    short_head_wait_s: float | None, long_head_wait_s: float | None, short_streak: int, config: LapsConfig
-) -> LengthClass | None:
-    """Which class a worker serves next: shorts first, unless a waiting long hit the starvation bound.
-
-    A `*_wait_s` of None means that queue is empty; `short_streak` counts shorts served since the last long
-    (or since a long started waiting). None when both queues are empty.
-    """
-    if long_head_wait_s is None:
-        return None if short_head_wait_s is None else "short"
-    if short_head_wait_s is None:
-        return "long"
-    is_starving = short_streak >= config.max_short_streak or long_head_wait_s * 1000.0 >= config.max_long_wait_ms
-    return "long" if is_starving else "short"
-
-
-class TwoQueueScheduler:
-    """One worker, two FIFO queues by length class; `pop` applies `choose_queue`.
-
-    Bound: once a long heads its queue, it goes after at most `max_short_streak` shorts or `max_long_wait_ms`,
-    whichever comes first.
-    """
-
-    def __init__(self, splitter: LengthSplitter, *, clock: Clock = time.monotonic) -> None:
-        self.splitter = splitter
-        self.clock = clock
-        self._queues: dict[LengthClass, deque[QueuedPrefill]] = {"short": deque(), "long": deque()}
-        self._short_streak = 0
-
-    def __len__(self) -> int:
-        return len(self._queues["short"]) + len(self._queues["long"])
-
-    def push(self, request_id: str, num_tokens: int) -> LengthClass:
-        """Queue a prefill in its class (by the splitter's current threshold); returns the class."""
-        length_class = self.splitter.classify(num_tokens)
-        if length_class == "long" and not self._queues["long"]:
-            self._short_streak = 0  # the bound counts from when this long started waiting at the head
-        item = QueuedPrefill(request_id=request_id, num_tokens=num_tokens, enqueued_at=self.clock())
-        self._queues[length_class].append(item)
-        return length_class
-
-    def pop(self) -> QueuedPrefill | None:
-        now = self.clock()
-        waits = {c: (now - q[0].enqueued_at if q else None) for c, q in self._queues.items()}
-        length_class = choose_queue(waits["short"], waits["long"], self._short_streak, self.splitter.config)
-        if length_class is None:
-            return None
-        item = self._queues[length_class].popleft()
-        self._short_streak = self._short_streak + 1 if length_class == "short" else 0
-        logger.debug(
-            "laps queue pop request_id=%s class=%s num_tokens=%d waited_ms=%.2f short_streak=%d",
-            item.request_id,
-            length_class,
-            item.num_tokens,
-            (now - item.enqueued_at) * 1000.0,
-            self._short_streak,
-        )
-        return item

@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass
 from statistics import NormalDist
 from typing import Protocol
 
+from router.log_histogram import LogHistogram
 from router.policy import RouteRequest
 
 FEATURE_NAMES = ("tenant", "deployment", "adapter", "prompt_bucket", "shape")
@@ -162,42 +163,6 @@ def prompt_bucket(num_prompt_tokens: int, bins_per_octave: int = 1) -> int:
     return int(math.log2(num_prompt_tokens) * bins_per_octave) if num_prompt_tokens > 1 else 0
 
 
-class LogHistogram:
-    """Weighted counts of lengths in geometric bins; quantiles interpolate in log space within a bin."""
-
-    def __init__(self, bins_per_octave: int) -> None:
-        self.bins_per_octave = bins_per_octave
-        self.counts: dict[int, float] = {}
-        self.total = 0.0
-
-    def add(self, value: float, weight: float = 1.0) -> None:
-        index = int(math.log2(max(1.0, value)) * self.bins_per_octave)
-        self.counts[index] = self.counts.get(index, 0.0) + weight
-        self.total += weight
-
-    def halve(self) -> None:
-        # Drop bins that have faded to nothing so memory follows recent traffic only.
-        self.counts = {i: c / 2 for i, c in self.counts.items() if c / 2 >= 1e-3}
-        self.total = math.fsum(self.counts.values())
-
-    def quantiles(self, qs: Sequence[float]) -> list[float]:
-        """Values at quantiles `qs` (each in [0, 1], ascending); NaN when empty."""
-        if self.total <= 0:
-            return [math.nan] * len(qs)
-        out: list[float] = []
-        bins = sorted(self.counts.items())
-        i, cumulative = 0, 0.0
-        for q in qs:
-            target = q * self.total
-            while i < len(bins) - 1 and cumulative + bins[i][1] < target:
-                cumulative += bins[i][1]
-                i += 1
-            index, count = bins[i]
-            frac = min(1.0, max(0.0, (target - cumulative) / count))
-            out.append(2.0 ** ((index + frac) / self.bins_per_octave))
-        return out
-
-
 class LengthPredictor:
     """Hierarchical-backoff output-length predictor; see the module docstring. Not thread-safe."""
 
@@ -254,7 +219,7 @@ class LengthPredictor:
                 self._keys.move_to_end(key)
             histogram.add(value)
             if histogram.total > self.config.max_weight_per_key:
-                histogram.halve()
+                histogram.scale(0.5)
         while len(self._keys) > self.config.max_keys:
             self._keys.popitem(last=False)
 
@@ -279,9 +244,8 @@ class LengthPredictor:
             raw["backoff"] = tuple(tuple(level) for level in raw["backoff"])
             predictor = cls(LengthPredictorConfig(**raw))
             for entry in data["keys"]:
-                histogram = LogHistogram(predictor.config.bins_per_octave)
-                histogram.counts = {int(i): float(c) for i, c in entry["bins"]}
-                histogram.total = math.fsum(histogram.counts.values())
+                counts = {int(i): float(c) for i, c in entry["bins"]}
+                histogram = LogHistogram.from_counts(predictor.config.bins_per_octave, counts)
                 predictor._keys[tuple((str(n), str(v)) for n, v in entry["key"])] = histogram
         except (KeyError, TypeError) as exc:
             raise ValueError(f"malformed length predictor snapshot: {exc!r}") from None

@@ -12,9 +12,12 @@ import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from router.kv_forecast import EMPTY_SNAPSHOT, WorkerKvSnapshot, predicted_remaining_tokens
+
+if TYPE_CHECKING:
+    from router.pool_index import ClusterIndex
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +68,9 @@ class WorkerView:
     """This router's running requests on it, with their predicted lengths (None: not tracked)."""
     prefix_block_hashes: frozenset[int] | None = None
     """`stable_block_hash` of the KV blocks its prefix cache holds (None: it published no summary)."""
+    prefix_block_size: int = 0
+    """Tokens per block of `prefix_block_hashes` (0: `kv_block_size`). The simulator caches prefixes at its trace's
+    hash granularity (e.g. Mooncake's 512-token blocks), not at the KV block size."""
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -73,13 +79,31 @@ class ClusterView:
 
     workers: Mapping[str, Sequence[WorkerView]] = field(default_factory=dict)
     """Deployment name -> its workers, every role."""
+    index: ClusterIndex | None = None
+    """Per-pool indexes over `workers` (`router.pool_index`), kept in step by whoever produces the view; None:
+    policies scan every candidate. With one, `candidates` and `roles` read it instead of scanning."""
 
     def candidates(self, deployment: str, role: str) -> list[WorkerView]:
-        """Healthy workers of `deployment` in `role`."""
+        """Healthy workers of `deployment` in `role` (in no guaranteed order)."""
+        if self.index is not None:
+            pool = self.index.pool(deployment, role)
+            return pool.candidates() if pool is not None else []
         return [w for w in self.workers.get(deployment, ()) if w.role == role and w.is_healthy]
 
     def roles(self, deployment: str) -> set[str]:
+        if self.index is not None:
+            return self.index.roles(deployment)
         return {w.role for w in self.workers.get(deployment, ())}
+
+
+@dataclass(kw_only=True, frozen=True)
+class PromptHashes:
+    """A prompt's cacheable blocks as chained hashes, computed once by whoever built the request."""
+
+    block_size: int
+    """Tokens per hashed block."""
+    hashes: tuple[int, ...]
+    """Chained hashes of the prompt's leading full blocks (block i's hash covers blocks 0..i), in order."""
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -99,6 +123,9 @@ class RouteRequest:
     """90th-percentile output length the predictor expects."""
     prompt_token_ids: tuple[int, ...] | None = None
     """The prompt's token ids when the router has them (prefix-cache affinity hashes them); None: text only."""
+    prompt_hashes: PromptHashes | None = None
+    """Precomputed block hashes of the prompt (the simulator has these from its trace, not token ids); used by
+    prefix affinity for workers whose summary has the same block size."""
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -140,10 +167,25 @@ def load_score(worker: WorkerView) -> float:
     return float(worker.num_running + worker.num_waiting + worker.num_inflight) + worker.kv_usage
 
 
-def pick_least_loaded(candidates: Sequence[WorkerView], request: RouteRequest) -> tuple[WorkerView, dict[str, float]]:
-    """The candidate with the lowest score; adapter residency breaks ties so LoRA requests stay warm."""
+def pick_least_loaded(
+    candidates: Sequence[WorkerView], request: RouteRequest, view: ClusterView | None = None, role: str = ""
+) -> tuple[WorkerView, dict[str, float]]:
+    """The candidate with the lowest score; adapter residency breaks ties so LoRA requests stay warm.
+
+    With `view.index`, only the workers tied at the least load are scored (read from the pool's load ordering);
+    the decision is the same, and `scores` holds just those workers.
+    """
     if not candidates:
         raise NoCapacityError(f"no healthy worker for deployment {request.deployment!r}")
+    pool = view.index.pool(request.deployment, role) if view is not None and view.index is not None else None
+    if pool is not None and len(pool):
+        least = pool.ordering("load", load_score).first()
+        tied = []
+        for score, wid in pool.ordering("load", load_score):
+            if score != least[0] or (tied and request.adapter is None):
+                break
+            tied.append(pool.views[wid])
+        candidates = tied
     scores = {w.worker_id: load_score(w) for w in candidates}
 
     def key(w: WorkerView) -> tuple[float, float, str]:
@@ -159,7 +201,7 @@ class LeastLoadedPolicy:
 
     def route(self, request: RouteRequest, view: ClusterView) -> Decision:
         return place_and_log(
-            request, view, lambda req, candidates, _role: pick_least_loaded(candidates, req), self.name
+            request, view, lambda req, candidates, role: pick_least_loaded(candidates, req, view, role), self.name
         )
 
 
@@ -365,6 +407,17 @@ WorkerPredicate = Callable[[RouteRequest, WorkerView], bool]
 """Extra filter on candidates, e.g. "has room for this request's KV"; True keeps the worker."""
 
 
+class CandidateSearch(Protocol):
+    """Narrows a `WeightedPolicy`'s scan of one pool to workers that provably hold a full scan's best two."""
+
+    def select(
+        self, request: RouteRequest, view: ClusterView, role: str, total: Callable[[WorkerView], float]
+    ) -> Sequence[WorkerView] | None:
+        """The workers to rank, which must include the full scan's winner and runner-up by (total, worker id);
+        `total` is the policy's score of one worker. None: the policy scans every candidate."""
+        ...
+
+
 class WeightedPolicy:
     """Filter (healthy, role, optional predicate) → sum of weighted scores → lowest total, ties by worker id.
 
@@ -373,11 +426,18 @@ class WeightedPolicy:
     """
 
     def __init__(
-        self, terms: Sequence[WeightedTerm], *, predicate: WorkerPredicate | None = None, name: str = "weighted"
+        self,
+        terms: Sequence[WeightedTerm],
+        *,
+        predicate: WorkerPredicate | None = None,
+        name: str = "weighted",
+        search: CandidateSearch | None = None,
     ) -> None:
         self._init_terms(terms)
         self.predicate = predicate
         self.name = name
+        self.search = search
+        """Scores a provably sufficient subset of each pool instead of all of it (not combined with `predicate`)."""
 
     def _init_terms(self, terms: Sequence[WeightedTerm]) -> None:
         if not terms:
@@ -392,20 +452,33 @@ class WeightedPolicy:
         breakdowns: dict[str, str] = {}
 
         def pick(req: RouteRequest, candidates: Sequence[WorkerView], role: str) -> tuple[WorkerView, dict[str, float]]:
-            kept = [w for w in candidates if self.predicate is None or self.predicate(req, w)]
+            parts: dict[str, list[tuple[str, float, float]]] = {}
+            totals: dict[str, float] = {}
+
+            def total(w: WorkerView) -> float:
+                value = totals.get(w.worker_id)
+                if value is None:
+                    p = parts[w.worker_id] = self._terms_for(req, w)
+                    value = totals[w.worker_id] = math.fsum(weight * v for _, weight, v in p)
+                return value
+
+            kept = None
+            if self.search is not None and self.predicate is None:
+                kept = self.search.select(req, view, role, total)
+            if kept is None:
+                kept = [w for w in candidates if self.predicate is None or self.predicate(req, w)]
             if not kept:
                 raise NoCapacityError(
                     f"no {role} worker of deployment {req.deployment!r} passes the {self.name} filter "
                     f"({len(candidates)} healthy)"
                 )
-            parts = {w.worker_id: self._terms_for(req, w) for w in kept}
-            totals = {wid: math.fsum(weight * value for _, weight, value in p) for wid, p in parts.items()}
-            ranked = sorted(kept, key=lambda w: (totals[w.worker_id], w.worker_id))
+            scores = {w.worker_id: total(w) for w in kept}
+            ranked = sorted(kept, key=lambda w: (scores[w.worker_id], w.worker_id))
             chosen = ranked[0]
             runner_up = parts[ranked[1].worker_id] if len(ranked) > 1 else None
             deciders[role] = _deciding_term(parts[chosen.worker_id], runner_up)
             breakdowns[role] = "+".join(f"{n}={v:.3g}*{wt:g}" for n, wt, v in parts[chosen.worker_id])
-            return chosen, totals
+            return chosen, scores
 
         deciders: dict[str, str] = {}
         decision = place_by_role(request, view, pick, policy=self.name)

@@ -1,8 +1,9 @@
 """Prefix-cache-aware routing: send a request where its prompt's leading KV blocks are already cached.
 
-Workers publish a `PrefixSummary`: the exact set of the stable hashes of their most recently used cached
-blocks (`KVCacheManager.cached_block_hashes(limit)`). The router hashes the request's prompt with the same
-chained function (`prefix_block_hashes`) and counts the leading blocks a worker holds.
+Workers publish, with their stats, the exact set of the stable hashes of their most recently used cached
+blocks (`KVCacheManager.cached_block_hashes(limit)`, at most `WorkerConfig.prefix_summary_limit`); the router
+keeps each as `WorkerView.prefix_block_hashes`. It hashes the request's prompt with the same chained function
+(`prefix_block_hashes`) and counts the leading blocks a worker holds.
 
 Why an exact recent-N set and not a Bloom filter: a false hit sends a request to a worker that then runs the
 full prefill, possibly on the busier worker, so exact membership is worth 64 bits a hash; N bounds the size
@@ -18,18 +19,10 @@ from __future__ import annotations
 
 import logging
 import math
-import struct
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 
-from router.policy import (
-    ClusterView,
-    Decision,
-    RouteRequest,
-    WorkerView,
-    load_score,
-    place_and_log,
-)
+from router.policy import RouteRequest, WorkerView, load_score
 from workers.engine.block_manager import prefix_block_hashes
 
 logger = logging.getLogger(__name__)
@@ -42,19 +35,6 @@ SummaryProvider = Callable[[str], "PrefixSummary | None"]
 
 TokenProvider = Callable[[RouteRequest], "Sequence[int] | None"]
 """The request's prompt token ids, or None when the router has only text (no affinity then)."""
-
-_MAGIC = b"RLPS"
-_HEADER = struct.Struct("<4sBII")  # magic, version, block_size, number of hashes
-_VERSION = 1
-
-
-def pool_from_view(get_view: Callable[[], ClusterView]) -> PoolProvider:
-    """A `PoolProvider` reading the router's latest `ClusterView` (a scorer sees one worker at a time)."""
-
-    def pool(request: RouteRequest, worker: WorkerView) -> Sequence[WorkerView]:
-        return get_view().candidates(worker.deployment, worker.role)
-
-    return pool
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -70,27 +50,6 @@ class PrefixSummary:
         if self.block_size <= 0:
             raise ValueError(f"block_size must be positive, got {self.block_size}")
 
-    @classmethod
-    def from_hashes(cls, block_size: int, hashes: Collection[int]) -> PrefixSummary:
-        return cls(block_size=block_size, hashes=frozenset(hashes))
-
-    def to_bytes(self) -> bytes:
-        """Compact wire form: a 13-byte header, then 8 bytes a hash (sorted, so equal summaries encode alike)."""
-        ordered = sorted(self.hashes)
-        header = _HEADER.pack(_MAGIC, _VERSION, self.block_size, len(ordered))
-        return header + struct.pack(f"<{len(ordered)}Q", *ordered)
-
-    @classmethod
-    def from_bytes(cls, data: bytes) -> PrefixSummary:
-        if len(data) < _HEADER.size:
-            raise ValueError(f"prefix summary too short: {len(data)} bytes")
-        magic, version, block_size, count = _HEADER.unpack_from(data)
-        if magic != _MAGIC or version != _VERSION:
-            raise ValueError(f"not a version-{_VERSION} prefix summary (magic {magic!r}, version {version})")
-        if len(data) != _HEADER.size + 8 * count:
-            raise ValueError(f"prefix summary says {count} hashes but carries {len(data) - _HEADER.size} bytes")
-        return cls(block_size=block_size, hashes=frozenset(struct.unpack_from(f"<{count}Q", data, _HEADER.size)))
-
 
 @dataclass(kw_only=True, frozen=True)
 class PrefixAffinityConfig:
@@ -102,13 +61,11 @@ class PrefixAffinityConfig:
     """Matches shorter than this many blocks count as no match (a one-block hit saves little); >= 1."""
     max_request_blocks: int = 8192
     """Hash at most this many leading blocks of a prompt, to bound the router's work per request; >= 1."""
-    summary_limit: int = 4096
-    """Hashes a worker publishes (`cached_block_hashes(limit)`); 8 bytes each on the wire; >= 1."""
 
     def __post_init__(self) -> None:
         if not math.isfinite(self.max_load_gap) or self.max_load_gap < 0:
             raise ValueError(f"max_load_gap must be finite and >= 0, got {self.max_load_gap}")
-        for name in ("min_match_blocks", "max_request_blocks", "summary_limit"):
+        for name in ("min_match_blocks", "max_request_blocks"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
@@ -137,7 +94,7 @@ class PrefixAffinityScorer:
 
     Workers more than `max_load_gap` above their pool's least load score 1, as if they held nothing. Weight
     it in a `WeightedPolicy` by how many queued requests a whole-prompt hit is worth. `pool=None` drops the
-    load bound (only for callers that bound load themselves, as `PrefixAffinityPolicy` does). By default the
+    load bound (for callers that bound load themselves and call `miss` with their pool's least load). By default the
     summaries come from `WorkerView.prefix_block_hashes` and the tokens from `RouteRequest.prompt_token_ids`,
     so the scorer is a pure function of the view; the providers exist for callers that keep them elsewhere.
     """
@@ -185,7 +142,7 @@ class PrefixAffinityScorer:
         summary = self._summary(worker)
         if summary is None:
             # Same value as a worker holding nothing, so a silent worker is neither favoured nor shunned.
-            return 0.0 if not self._prompt_tokens(request) else 1.0
+            return 0.0 if not (self._prompt_tokens(request) or request.prompt_hashes) else 1.0
         hashes = self.request_hashes(request, summary.block_size)
         num_matched = longest_prefix_match(hashes, summary.hashes)
         return bounded_miss(num_matched, len(hashes), load_score(worker), min_load, self.config)
@@ -195,7 +152,8 @@ class PrefixAffinityScorer:
             return self.summaries(worker.worker_id)
         if worker.prefix_block_hashes is None:
             return None
-        return PrefixSummary(block_size=worker.kv_block_size, hashes=worker.prefix_block_hashes)
+        block_size = worker.prefix_block_size or worker.kv_block_size
+        return PrefixSummary(block_size=block_size, hashes=worker.prefix_block_hashes)
 
     def _prompt_tokens(self, request: RouteRequest) -> Sequence[int] | None:
         return self.prompt_tokens(request) if self.prompt_tokens is not None else request.prompt_token_ids
@@ -205,11 +163,22 @@ class PrefixAffinityScorer:
         self._memo_for(request)
         hashes = self._memo_hashes.get(block_size)
         if hashes is None:
-            tokens = self._prompt_tokens(request) or ()
-            hashes = self._memo_hashes[block_size] = cacheable_prefix_hashes(
-                tokens, block_size, request.adapter, self.config
-            )
+            tokens = self._prompt_tokens(request)
+            hashes = self._memo_hashes[block_size] = prompt_block_hashes(request, block_size, self.config, tokens)
         return hashes
+
+
+def prompt_block_hashes(
+    request: RouteRequest, block_size: int, config: PrefixAffinityConfig, tokens: Sequence[int] | None = None
+) -> list[int]:
+    """The request's cacheable block hashes at `block_size`: precomputed ones when their block size matches,
+    else hashed from `tokens` (default: its token ids); empty when it has neither."""
+    given = request.prompt_hashes
+    if given is not None and given.block_size == block_size:
+        return list(given.hashes[: config.max_request_blocks])
+    if tokens is None:
+        tokens = request.prompt_token_ids
+    return cacheable_prefix_hashes(tokens or (), block_size, request.adapter, config)
 
 
 def cacheable_prefix_hashes(
@@ -218,43 +187,3 @@ def cacheable_prefix_hashes(
     """Hashes of the full blocks the engine would look up: it always computes the prompt's last token itself."""
     num_cacheable = max(len(tokens) - 1, 0)
     return prefix_block_hashes(tokens[:num_cacheable], block_size, adapter, max_blocks=config.max_request_blocks)
-
-
-class PrefixAffinityPolicy:
-    """`Policy`: least `load + affinity_weight * bounded_miss` on prefill and mixed pools; least loaded on decode.
-
-    Pure given the summaries: the pool's least load comes from the candidates themselves, no provider needed.
-    """
-
-    name = "prefix_affinity"
-
-    def __init__(
-        self,
-        config: PrefixAffinityConfig | None = None,
-        *,
-        summaries: SummaryProvider | None = None,
-        prompt_tokens: TokenProvider | None = None,
-        affinity_weight: float = 4.0,
-    ) -> None:
-        if not math.isfinite(affinity_weight) or affinity_weight < 0:
-            raise ValueError(f"affinity_weight must be finite and >= 0, got {affinity_weight}")
-        self.config = config or PrefixAffinityConfig()
-        self.affinity_weight = affinity_weight
-        self.scorer = PrefixAffinityScorer(self.config, summaries=summaries, prompt_tokens=prompt_tokens, pool=None)
-
-    def route(self, request: RouteRequest, view: ClusterView) -> Decision:
-        return place_and_log(request, view, self._pick, self.name)
-
-    def _pick(
-        self, request: RouteRequest, candidates: Sequence[WorkerView], role: str
-    ) -> tuple[WorkerView, dict[str, float]]:
-        loads = {w.worker_id: load_score(w) for w in candidates}
-        if role == "decode":
-            scores = loads  # the prefill worker hands its KV over, so decode placement ignores the prefix
-        else:
-            min_load = min(loads.values())
-            scores = {
-                w.worker_id: loads[w.worker_id] + self.affinity_weight * self.scorer.miss(request, w, min_load)
-                for w in candidates
-            }
-        return min(candidates, key=lambda w: (scores[w.worker_id], w.worker_id)), scores

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from router.baselines import LeastOutstandingPolicy, PowerOfTwoPolicy, RoundRobinPolicy
+from router.baselines import LeastOutstandingPolicy, PowerOfTwoPolicy, PrefixCachePolicy, RoundRobinPolicy
 from router.full_policy import RaylanePolicy
 from router.policy import (
     AdapterAffinityScorer,
@@ -31,6 +31,9 @@ POLICIES: dict[str, Callable[[], Policy]] = {
     "round_robin": RoundRobinPolicy,
     "least_outstanding": LeastOutstandingPolicy,
     "p2c": lambda: PowerOfTwoPolicy(seed=0),
+    # SGLang router's `cache_aware` (defaults cache_threshold 0.3, balance_abs_threshold 64, balance_rel_threshold
+    # 1.5): the longest cached prefix unless the pool is imbalanced; the prefix-aware baseline raylane must beat.
+    "prefix_cache": PrefixCachePolicy,
     "least_loaded": LeastLoadedPolicy,
     "weighted": _weighted,
     "raylane": RaylanePolicy,

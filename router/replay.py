@@ -1,8 +1,9 @@
 """Replay a trace's arrivals through a router and measure what clients see: TTFT, TPOT, E2E, throughput.
 
-Each trace row becomes one streamed `Generate` at its (rate-scaled) arrival time, with a random
-token-id prompt of the row's (context-scaled) length and exactly its output length
-(`ignore_eos`), cycling over the given targets (deployment, adapter, API key).
+Each trace row becomes one streamed `Generate` at its (rate-scaled) arrival time, with a token-id
+prompt of the row's (context-scaled) length (random, or sharing the prefixes its block hash ids
+share: `trace_prompt`) and exactly its output length (`ignore_eos`), cycling over the given
+targets (deployment, adapter, API key).
 """
 
 from __future__ import annotations
@@ -11,10 +12,10 @@ import asyncio
 import random
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from router.client import AsyncClient, RaylaneError
-from router.trace import TraceRequest, random_prompt
+from router.trace import TraceRequest, trace_prompt
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -44,6 +45,8 @@ class RequestRecord:
     end_s: float | None = None
     error: str | None = None
     token_times_s: list[float] = field(default_factory=list)
+    num_cached_prompt_tokens: int = 0
+    """Prompt tokens the worker's prefix cache served, from the final chunk's usage."""
 
     @property
     def ttft_ms(self) -> float | None:
@@ -69,7 +72,7 @@ def select_window(requests: Sequence[TraceRequest], *, rate_scale: float, durati
         arrival = r.arrival_s / rate_scale
         if arrival >= duration_s:
             break
-        window.append(TraceRequest(arrival_s=arrival, prompt_len=r.prompt_len, output_len=r.output_len))
+        window.append(replace(r, arrival_s=arrival))
     return window
 
 
@@ -92,7 +95,7 @@ async def replay(
 
     async def one(i: int, request: TraceRequest) -> RequestRecord:
         target = targets[i % len(targets)]
-        prompt = random_prompt(request.prompt_len, vocab_size, rng)
+        prompt = trace_prompt(request, vocab_size, rng)
         record = RequestRecord(target=target.name, arrival_s=request.arrival_s, num_prompt_tokens=len(prompt))
         await asyncio.sleep(max(0.0, request.arrival_s - (time.perf_counter() - start)))
         record.arrival_s = time.perf_counter() - start
@@ -106,6 +109,8 @@ async def replay(
                     record.first_token_s = now
                 record.num_output_tokens += len(chunk.token_ids)
                 record.token_times_s.extend([now] * len(chunk.token_ids))
+                if chunk.usage is not None:
+                    record.num_cached_prompt_tokens = chunk.usage.cached_prompt_tokens
         except RaylaneError as exc:
             record.error = exc.code.name
         record.end_s = time.perf_counter() - start

@@ -11,27 +11,24 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
 import ray
 
-from router.admission import AdmissionConfig, AdmissionController
-from router.auth_limit import AuthFailureLimiter, AuthLimitConfig, auth_limit_metrics
+from router.admission import AdmissionController
+from router.auth_limit import AuthFailureLimiter, auth_limit_metrics
+from router.config import RouterConfig
 from router.core import RouterCore
-from router.dispatch import FailoverConfig, WorkerClient
+from router.dispatch import WorkerClient
 from router.errors import InvalidArgument, Unavailable, WorkerLost
-from router.grpc_server import check_tls_files
 from router.http.app import build_app
-from router.http.limits import HttpLimits
-from router.http.ports import HTTP_FREE_PORT, HTTP_OFF, check_http_port
+from router.http.ports import HTTP_FREE_PORT, HTTP_OFF
 from router.http.server import HttpServer
 from router.length_predictor import LengthPredictor
 from router.metrics import REGISTRY, MetricsServer, process_metrics, serve_metrics
 from router.policy import ClusterView, WorkerView
-from router.registry import DEFAULT_POLICY, make_policy
 from router.servicer import RouterServicer, start_router_server
 from router.table import RoutingTable
 from workers.engine.errors import EngineDeadError
@@ -41,85 +38,6 @@ logger = logging.getLogger(__name__)
 
 CONTROL_PLANE_ACTOR = "raylane-control-plane"
 NAMESPACE = "raylane"
-
-
-@dataclass(kw_only=True, frozen=True)
-class RouterConfig:
-    """One router replica."""
-
-    host: str = "127.0.0.1"
-    """Interface the gRPC server binds; `0.0.0.0` inside Kubernetes."""
-    port: int = 0
-    """Port to bind; 0 picks a free one (the bound address is returned by `start`)."""
-    table_refresh_s: float = 0.5
-    """How often the routing table is pulled from the control plane."""
-    stats_refresh_s: float = 0.1
-    """How often every worker's load is pulled; placement reads stats at most this old."""
-    stats_timeout_s: float = 2.0
-    """A stats call taking longer is given up; the worker keeps its last-known load (slow is not dead)."""
-    stats_stale_limit_s: float = 30.0
-    """A worker whose stats have not answered for this long leaves placement until they do. A stats call that
-    fails (the actor or its engine loop died) takes it out at once."""
-    policy: str = DEFAULT_POLICY
-    """Routing policy by name (router/registry.py); `raylane` is the full length- and KV-aware one."""
-    admission: bool = False
-    """Predictive admission: queue a request rather than place it where its KV forecast would overflow."""
-    admission_headroom: float = 0.95
-    """Share of a worker's KV pool admission may plan to fill (above 1 overcommits, betting on early finishes)."""
-    predictor_save_s: float = 30.0
-    """How often the length predictor is saved to the state store (and at stop); a new router loads the freshest."""
-    max_failovers: int = 3
-    """Workers a request may lose mid-stream (resumed elsewhere by recompute) before it fails with UNAVAILABLE."""
-    http_port: int = 8000
-    """Port of the OpenAI-compatible HTTP front (on `host`): 0 turns it off, -1 (`HTTP_FREE_PORT`) binds a free one
-    (tests; the bound address is `RouterReplica.http_address`)."""
-
-    metrics_port: int = 0
-    """Port of a Prometheus `/metrics` of its own (on `host`), for routers whose HTTP front (which serves `/metrics`
-    too) is off: 0 turns it off, -1 (`HTTP_FREE_PORT`) binds a free one (tests; see `RouterReplica.metrics_address`)."""
-    tls_cert_file: str | None = None
-    """PEM certificate (chain) of the router's gRPC and HTTP ports; with `tls_key_file` they speak only TLS."""
-    tls_key_file: str | None = None
-    """PEM private key matching `tls_cert_file`."""
-    auth_max_failures: int = 10
-    """Failed authentications from one address within `auth_failure_window_s` (gRPC and HTTP together) that lock it
-    out: RESOURCE_EXHAUSTED / 429 with a retry hint, whatever key it sends, for `auth_failure_window_s`; 0: off."""
-    auth_failure_window_s: float = 60.0
-    """The window failed authentications are counted over, and how long a lockout lasts."""
-    http_max_body_bytes: int = 8 * 1024 * 1024
-    """Largest HTTP request body; larger ones get 413 before they are read."""
-    http_header_timeout_s: float = 10.0
-    """An HTTP connection whose request head has not fully arrived in this time is closed (slow clients)."""
-    http_body_timeout_s: float = 30.0
-    """An HTTP request body not fully arrived this long after its head gets 408 and its connection closed."""
-
-    def __post_init__(self) -> None:
-        self.auth_limit_config()  # bad values fail here, at startup
-        self.http_limits()
-        make_policy(self.policy)  # a typo fails here, at startup, with the list of names
-        if not 0 <= self.port < 65536:
-            raise ValueError(f"port must be in [0, 65535], got {self.port}")
-        check_http_port("http_port", self.http_port)
-        check_http_port("metrics_port", self.metrics_port)
-        if min(self.table_refresh_s, self.stats_refresh_s, self.stats_timeout_s, self.predictor_save_s) <= 0:
-            raise ValueError("refresh intervals and timeouts must be positive")
-        if self.stats_stale_limit_s < self.stats_timeout_s:
-            raise ValueError(
-                f"stats_stale_limit_s ({self.stats_stale_limit_s}) must be >= stats_timeout_s ({self.stats_timeout_s})"
-            )
-        if self.max_failovers < 0:
-            raise ValueError(f"max_failovers must be >= 0, got {self.max_failovers}")
-        check_tls_files(self.tls_cert_file, self.tls_key_file)
-
-    def auth_limit_config(self) -> AuthLimitConfig:
-        return AuthLimitConfig(max_failures=self.auth_max_failures, window_s=self.auth_failure_window_s)
-
-    def http_limits(self) -> HttpLimits:
-        return HttpLimits(
-            max_body_bytes=self.http_max_body_bytes,
-            header_timeout_s=self.http_header_timeout_s,
-            body_timeout_s=self.http_body_timeout_s,
-        )
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -158,10 +76,8 @@ class RayWorkerClient:
         self.worker_id = worker_id
         self.handle = handle
 
-    async def generate(self, call: GenerateCall) -> AsyncIterator[TokenChunk]:
-        async with self._stream(self.handle.generate.remote(call)) as stream:
-            async for chunk in stream:
-                yield chunk
+    def generate(self, call: GenerateCall) -> AsyncIterator[TokenChunk]:
+        return self._stream(lambda: self.handle.generate.remote(call))
 
     async def prefill(self, call: GenerateCall) -> tuple[PrefillResult, Any]:
         first_ref, kv_ref = self.handle.prefill.remote(call)
@@ -170,48 +86,36 @@ class RayWorkerClient:
         except _LOST_ERRORS as exc:
             raise self._lost(exc) from None
 
-    async def decode(self, kv: Any, call: GenerateCall) -> AsyncIterator[TokenChunk]:
-        async with self._stream(self.handle.decode.remote(kv, call)) as stream:
-            async for chunk in stream:
-                yield chunk
+    def decode(self, kv: Any, call: GenerateCall) -> AsyncIterator[TokenChunk]:
+        return self._stream(lambda: self.handle.decode.remote(kv, call))
 
-    async def attach(self, request_id: str, from_seq: int) -> AsyncIterator[TokenChunk]:
-        async with self._stream(self.handle.attach.remote(request_id, from_seq)) as stream:
-            async for chunk in stream:
-                yield chunk
+    def attach(self, request_id: str, from_seq: int) -> AsyncIterator[TokenChunk]:
+        return self._stream(lambda: self.handle.attach.remote(request_id, from_seq))
 
     async def stats(self) -> WorkerStats:
         return await self.handle.stats.remote()
 
-    def _stream(self, generator: Any):
-        return _cancel_unless_done(generator, self._lost)
-
-    def _lost(self, exc: BaseException) -> WorkerLost:
-        return WorkerLost(self.worker_id, f"worker {self.worker_id} died or is unreachable ({type(exc).__name__})")
-
-
-@asynccontextmanager
-async def _cancel_unless_done(generator: Any, lost: Any):
-    state = {"done": False}
-
-    async def chunks() -> AsyncIterator[TokenChunk]:
+    async def _stream(self, start: Callable[[], Any]) -> AsyncIterator[TokenChunk]:
+        """The one generator over a Ray streaming call: starts it on the first `anext`, turns an actor's death
+        into `WorkerLost`, and cancels the call when the consumer leaves before its last chunk."""
+        generator = start()
+        is_done = False
         try:
             async for ref in generator:
                 chunk = await ref
-                yield chunk
                 # A migrated stream ends right after this chunk: nothing is left to cancel.
-                if chunk.finished or chunk.migrated_to:
-                    state["done"] = True
+                is_done = chunk.finished or bool(chunk.migrated_to)
+                yield chunk
         except _LOST_ERRORS as exc:
-            state["done"] = True  # nothing to cancel on a dead actor
-            raise lost(exc) from None
+            is_done = True  # nothing to cancel on a dead actor
+            raise self._lost(exc) from None
+        finally:
+            if not is_done:
+                # The worker's generator sees the cancel, aborts the request and frees its blocks.
+                ray.cancel(generator)
 
-    try:
-        yield chunks()
-    finally:
-        if not state["done"]:
-            # The worker's generator sees the cancel, aborts the request and frees its blocks.
-            ray.cancel(generator)
+    def _lost(self, exc: BaseException) -> WorkerLost:
+        return WorkerLost(self.worker_id, f"worker {self.worker_id} died or is unreachable ({type(exc).__name__})")
 
 
 async def _every(interval_s: float, fn: Callable[[], Awaitable[None]]) -> None:
@@ -244,6 +148,18 @@ class RayDirectory:
         self._num_refreshes_started = 0
         self._applied_refresh = 0
         """The newest refresh whose answer is applied: an older one answering later must not undo it."""
+        self._init_view()
+
+    def _init_view(self) -> None:
+        # The view is kept, not rebuilt per request: a worker's `WorkerView` is rebuilt when its stats arrive or
+        # its health changes, and the `ClusterView` around them only after such a change.
+        self._worker_views: dict[str, WorkerView] = {}
+        self._members: dict[str, tuple[str, str]] = {}
+        """Worker id -> (deployment, role) of the table the views were built from, in table order."""
+        self._cluster: ClusterView | None = None
+        """None: a worker's view changed since the last `view()`."""
+        self._next_stale_s = float("inf")
+        """The earliest moment a worker placed on as fresh goes stale (`stats_stale_limit_s`)."""
 
     def table(self) -> RoutingTable:
         return self._state.table
@@ -255,36 +171,80 @@ class RayDirectory:
         """Stop placing on `worker_id` (e.g. it died mid-stream) until its stats answer again."""
         self._stats.pop(worker_id, None)
         self._suspect[worker_id] = time.monotonic()
+        self._refresh_worker(worker_id, time.monotonic())
 
     def view(self) -> ClusterView:
+        """Every worker of the table with its last stats; the same object until a worker's view changes."""
         now = time.monotonic()
-        workers: dict[str, list[WorkerView]] = {}
-        for entry in self._state.workers.values():
-            seen, stats = self._stats.get(entry.worker_id, (0.0, None))
-            # Stale stats still place (a loaded machine answers late); a failed stats call removed them already.
-            fresh = stats is not None and now - seen <= self.config.stats_stale_limit_s
-            load = {}
-            if stats is not None:
-                load = dict(
-                    num_running=stats.num_running,
-                    num_waiting=stats.num_waiting,
-                    kv_usage=stats.kv_usage,
-                    kv_blocks_total=stats.kv_blocks_total,
-                    kv_blocks_used=stats.kv_blocks_used,
-                    kv_bytes_per_block=stats.kv_bytes_per_block,
-                    kv_block_size=stats.kv_block_size,
-                    output_tokens_per_s=stats.output_tokens_per_s,
-                    adapters=frozenset(stats.adapters),
-                    resident_adapters=None if stats.resident_adapters is None else frozenset(stats.resident_adapters),
-                    num_adapter_slots=stats.num_adapter_slots,
-                    num_pending_prefill_tokens=stats.num_pending_prefill_tokens,
-                    prefix_block_hashes=self._prefix.get(entry.worker_id),
-                )
-            view = WorkerView(
-                worker_id=entry.worker_id, deployment=entry.deployment, role=entry.role, is_healthy=fresh, **load
+        if now > self._next_stale_s:
+            self._expire_stale(now)
+        if self._cluster is None:
+            workers: dict[str, list[WorkerView]] = {}
+            for worker_id, (deployment, _) in self._members.items():
+                workers.setdefault(deployment, []).append(self._worker_views[worker_id])
+            self._cluster = ClusterView(workers=workers)
+        return self._cluster
+
+    def _update_worker(self, view: WorkerView) -> None:
+        """The one place a worker's view changes (per-pool indexes hook in here); the next `view()` regroups."""
+        self._worker_views[view.worker_id] = view
+        self._cluster = None
+
+    def _refresh_views(self) -> None:
+        """After a table refresh: rebuild every view when the workers or their roles changed, else keep them."""
+        members = {e.worker_id: (e.deployment, e.role) for e in self._state.workers.values()}
+        if members == self._members:
+            return
+        self._members = members
+        self._worker_views = {}
+        self._cluster = None
+        now = time.monotonic()
+        for worker_id in members:
+            self._refresh_worker(worker_id, now)
+
+    def _expire_stale(self, now: float) -> None:
+        """Take workers whose stats went stale out of placement; O(workers), once per deadline passed."""
+        self._next_stale_s = float("inf")
+        limit = self.config.stats_stale_limit_s
+        for worker_id in self._members:
+            seen, stats = self._stats.get(worker_id, (0.0, None))
+            if stats is not None and now - seen <= limit:
+                self._next_stale_s = min(self._next_stale_s, seen + limit)
+            elif self._worker_views[worker_id].is_healthy:
+                self._refresh_worker(worker_id, now)
+
+    def _refresh_worker(self, worker_id: str, now: float) -> None:
+        """Rebuild one worker's view from its table entry and its last stats."""
+        member = self._members.get(worker_id)
+        if member is None:
+            return  # not in the table this view was built from; the next table refresh brings it
+        deployment, role = member
+        seen, stats = self._stats.get(worker_id, (0.0, None))
+        # Stale stats still place (a loaded machine answers late); a failed stats call removed them already.
+        fresh = stats is not None and now - seen <= self.config.stats_stale_limit_s
+        if fresh:
+            self._next_stale_s = min(self._next_stale_s, seen + self.config.stats_stale_limit_s)
+        previous = self._worker_views.get(worker_id)
+        if previous is not None and stats is None and not previous.is_healthy:
+            return  # already out of placement with no load: nothing changed
+        load = {}
+        if stats is not None:
+            load = dict(
+                num_running=stats.num_running,
+                num_waiting=stats.num_waiting,
+                kv_usage=stats.kv_usage,
+                kv_blocks_total=stats.kv_blocks_total,
+                kv_blocks_used=stats.kv_blocks_used,
+                kv_bytes_per_block=stats.kv_bytes_per_block,
+                kv_block_size=stats.kv_block_size,
+                output_tokens_per_s=stats.output_tokens_per_s,
+                adapters=frozenset(stats.adapters),
+                resident_adapters=None if stats.resident_adapters is None else frozenset(stats.resident_adapters),
+                num_adapter_slots=stats.num_adapter_slots,
+                num_pending_prefill_tokens=stats.num_pending_prefill_tokens,
+                prefix_block_hashes=self._prefix.get(worker_id),
             )
-            workers.setdefault(entry.deployment, []).append(view)
-        return ClusterView(workers=workers)
+        self._update_worker(WorkerView(worker_id=worker_id, deployment=deployment, role=role, is_healthy=fresh, **load))
 
     def latest_stats(self) -> list[WorkerStats]:
         """The last stats of every worker that answered (safe to call from a metrics server's thread)."""
@@ -325,6 +285,7 @@ class RayDirectory:
         # (a migration destination); its own clients keep their handles either way.
         self._clients.clear()
         self._clients.update(clients)
+        self._refresh_views()
         for path in set(state.models.values()) - set(self._tokenizers) - set(self._tokenizer_loads):
             self._tokenizer_loads[path] = asyncio.create_task(self._load_tokenizer(path))
 
@@ -382,6 +343,7 @@ class RayDirectory:
                 self._prefix.pop(client.worker_id, None)
             else:
                 self._prefix[client.worker_id] = frozenset(stats.prefix_block_hashes)
+            self._refresh_worker(client.worker_id, time.monotonic())
 
         await asyncio.gather(*(one(c) for c in list(self._clients.values())))
         for gone in set(self._stats) - set(self._clients):
@@ -414,22 +376,20 @@ class RouterReplica:
         self.config = config
         self.directory = RayDirectory(config, control_plane)
         # Learns output lengths from completed requests; saved to and restored from the state store.
+        # Every part from the one config tree (router/config.py).
         self.core = RouterCore(
             self.directory,
-            policy=make_policy(config.policy),
-            predictor=LengthPredictor(),
-            admission=AdmissionController(AdmissionConfig(headroom=config.admission_headroom))
-            if config.admission
-            else None,
-            failover=FailoverConfig(max_failovers=config.max_failovers),
+            policy=config.make_policy(),
+            predictor=LengthPredictor(config.predictor),
+            admission=AdmissionController(config.admission) if config.admission.enabled else None,
+            failover=config.failover,
+            tiers=config.tiers,
             metrics=process_metrics(),
         )
         # Worker metrics come from the stats this router pulls anyway, read at scrape time.
         self.core.metrics.watch_workers(self.directory.latest_stats)
         # One per replica, shared by its gRPC and HTTP ports: a lockout on one holds on the other.
-        self.auth_limit = AuthFailureLimiter(
-            config.auth_limit_config(), metrics=auth_limit_metrics(REGISTRY), surface="router"
-        )
+        self.auth_limit = AuthFailureLimiter(config.auth_limit, metrics=auth_limit_metrics(REGISTRY), surface="router")
         self._server: grpc.aio.Server | None = None
         self._http: HttpServer | None = None
         self._metrics_server: MetricsServer | None = None
@@ -467,10 +427,10 @@ class RouterReplica:
         """Serve the OpenAI-compatible API on this loop, over the same `RouterCore` as gRPC; returns the port."""
         port = 0 if self.config.http_port == HTTP_FREE_PORT else self.config.http_port
         self._http = HttpServer(
-            build_app(self.core, self.directory, limits=self.config.http_limits(), auth_limit=self.auth_limit),
+            build_app(self.core, self.directory, limits=self.config.http_limits, auth_limit=self.auth_limit),
             host=self.config.host,
             port=port,
-            limits=self.config.http_limits(),
+            limits=self.config.http_limits,
             ssl_certfile=self.config.tls_cert_file,
             ssl_keyfile=self.config.tls_key_file,
         )

@@ -7,13 +7,25 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from control_plane.migration_policy import MigrationPolicyConfig
+from router.admission import AdmissionConfig
 from router.registry import POLICIES
 from router.trace import TraceRequest
 from sim.cost import CostModel, LinearCostModel
 from sim.cost_roofline import LinkModel, RooflineCostModel
-from sim.traces import SyntheticTrace, load_any, load_azure, load_burstgpt, overlay, scale_rate, slice_time
+from sim.traces import (
+    SyntheticTrace,
+    load_any,
+    load_azure,
+    load_burstgpt,
+    load_mooncake,
+    overlay,
+    scale_rate,
+    slice_time,
+)
 
 ROLES = ("mixed", "prefill", "decode")
+TRACE_LOADERS = {"auto": load_any, "azure": load_azure, "burstgpt": load_burstgpt, "mooncake": load_mooncake}
 DEFAULT_COST_MODEL: Mapping[str, Any] = {"kind": "roofline", "gpu": "H100", "model": "llama-3-8b", "tp": 1}
 
 
@@ -22,9 +34,9 @@ class TraceConfig:
     """Where requests come from and how the trace is reshaped."""
 
     path: str | None = None
-    """CSV trace; None means `synthetic` must be set."""
+    """Trace file (CSV or Mooncake JSONL); None means `synthetic` must be set."""
     format: str = "auto"
-    """`auto` (from the header), `azure` or `burstgpt`."""
+    """`auto` (from the file), `azure`, `burstgpt` or `mooncake`."""
     rate_scale: float = 1.0
     """Arrival rate multiplier (gaps divided by it), applied after slicing."""
     start_s: float = 0.0
@@ -43,8 +55,8 @@ class TraceConfig:
     def __post_init__(self) -> None:
         if (self.path is None) == (self.synthetic is None):
             raise ValueError("trace needs exactly one of `path` and `synthetic`")
-        if self.format not in ("auto", "azure", "burstgpt"):
-            raise ValueError(f"trace format must be auto, azure or burstgpt, got {self.format!r}")
+        if self.format not in TRACE_LOADERS:
+            raise ValueError(f"trace format must be one of {', '.join(TRACE_LOADERS)}, got {self.format!r}")
         if not self.rate_scale > 0:
             raise ValueError(f"rate_scale must be > 0, got {self.rate_scale}")
 
@@ -52,8 +64,7 @@ class TraceConfig:
         if self.synthetic is not None:
             requests = SyntheticTrace(**self.synthetic).generate()
         else:
-            loader = {"auto": load_any, "azure": load_azure, "burstgpt": load_burstgpt}[self.format]
-            requests = loader(self.path)
+            requests = TRACE_LOADERS[self.format](self.path)
         end = self.start_s + self.duration_s if self.duration_s is not None else float("inf")
         requests = overlay(requests, self.overlay_copies, seed=self.seed, window=(self.start_s, end))
         requests = slice_time(requests, self.start_s, self.duration_s)
@@ -102,20 +113,19 @@ class SloConfig:
 
 @dataclass(kw_only=True, frozen=True)
 class MigrationConfig:
-    """Periodic rebalancing of decoding requests between workers of one role (Llumnix shape)."""
+    """Periodic rebalancing of decoding requests between workers of one role, by the production policy
+    (`control_plane/migration_policy.plan_rebalance`, fed predicted remaining lengths)."""
 
     enabled: bool = False
     """Run the migration policy every `interval_s`."""
     interval_s: float = 0.5
-    """Seconds between policy ticks."""
-    max_per_tick: int = 4
-    """Migrations started per tick at most, cluster-wide."""
-    min_gap: float = 0.2
-    """Least difference in load (KV fraction plus queued demand) between source and destination to migrate."""
+    """Seconds between policy ticks (the control plane's rebalancer period)."""
+    policy: MigrationPolicyConfig = field(default_factory=MigrationPolicyConfig)
+    """The production policy's knobs: imbalance threshold, headroom, per-worker rate limit, moves per round."""
 
     def __post_init__(self) -> None:
-        if not (self.interval_s > 0 and self.max_per_tick >= 1 and self.min_gap >= 0):
-            raise ValueError("migration needs interval_s > 0, max_per_tick >= 1 and min_gap >= 0")
+        if not self.interval_s > 0:
+            raise ValueError(f"migration needs interval_s > 0, got {self.interval_s}")
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -168,11 +178,15 @@ class SimConfig:
     slo: SloConfig = SloConfig()
     """Targets for attainment and goodput."""
     use_length_predictor: bool | None = None
-    """Feed the router's length predictor to policies; None: only for length-aware policies (`raylane`)."""
+    """Feed the router's length predictor to policies; None: for length-aware policies (`raylane`), admission and
+    migration (which read predicted lengths)."""
     ledger_refresh_s: float = 0.05
     """How stale the token counts in the router's KV ledger may get before a view rebuilds it (speed knob)."""
     migration: MigrationConfig = MigrationConfig()
     """Decode-time rebalancing."""
+    admission: AdmissionConfig = field(default_factory=AdmissionConfig)
+    """Predictive admission as the router runs it, with `enabled` (off by default): a request that does not fit
+    waits, FIFO, until a finish frees room; the simulator never refuses one, so only `headroom` and `use_p90` matter."""
     failures: tuple[FailureConfig, ...] = ()
     """Injected worker failures."""
     sample_interval_s: float = 1.0
@@ -257,7 +271,12 @@ def config_from_dict(data: Mapping[str, Any], *, base_dir: Path | None = None) -
     if "slo" in data:
         data["slo"] = _build(SloConfig, data["slo"], "slo")
     if "migration" in data:
-        data["migration"] = _build(MigrationConfig, data["migration"], "migration")
+        migration = dict(data["migration"])
+        if "policy" in migration:
+            migration["policy"] = _build(MigrationPolicyConfig, migration["policy"], "migration.policy")
+        data["migration"] = _build(MigrationConfig, migration, "migration")
+    if "admission" in data:
+        data["admission"] = _build(AdmissionConfig, data["admission"], "admission")
     data["failures"] = tuple(_build(FailureConfig, f, "failures[]") for f in data.get("failures", ()))
     return _build(SimConfig, data, "config")
 

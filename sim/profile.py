@@ -186,13 +186,15 @@ class _StepClock:
         )
 
     def add(self, prompt_len: int, max_tokens: int) -> str:
+        from workers.engine.request import GenerateCall
         from workers.engine.sampling_params import SamplingParams
 
         request_id = f"profile-{self._next_id}"
         self._next_id += 1
         vocab = self.engine.model_config.vocab_size
         prompt = [self.rng.randrange(_FIRST_TOKEN_ID, vocab) for _ in range(prompt_len)]
-        self.engine.add_request(request_id, prompt, SamplingParams(max_tokens=max_tokens, ignore_eos=True))
+        params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
+        self.engine.add_request(GenerateCall(request_id=request_id, prompt_token_ids=prompt, sampling=params))
         return request_id
 
     def step(self) -> tuple[StepShape, float]:

@@ -52,7 +52,9 @@ class SimResult:
     time_series: list[dict[str, float]] = field(default_factory=list)
     """Periodic samples of queued requests, running requests and KV usage per role."""
     workers: dict[str, dict[str, float]] = field(default_factory=dict)
-    """Per worker: busy seconds, steps, preemptions."""
+    """Per worker: busy seconds, steps, preemptions, prefix-cache lookups and hits (tokens)."""
+    cached_tokens: list[int] = field(default_factory=list)
+    """Prompt tokens the prefix cache served at each request's first-token prefill (0 without block hashes)."""
 
     def __getattr__(self, name: str) -> Any:
         # result.goodput_rps etc. read the summary.
@@ -65,7 +67,12 @@ class SimResult:
         out: dict[str, Any] = {"summary": _clean(self.summary), "time_series": self.time_series}
         out["workers"] = self.workers
         if include_requests:
-            out["requests"] = {"ttft_s": self.ttft_s, "tpot_s": self.tpot_s, "e2e_s": self.e2e_s}
+            out["requests"] = {
+                "ttft_s": self.ttft_s,
+                "tpot_s": self.tpot_s,
+                "e2e_s": self.e2e_s,
+                "cached_tokens": self.cached_tokens,
+            }
         return out
 
     def save(self, out_dir: str | Path, *, plots: bool = True) -> list[Path]:
@@ -105,6 +112,8 @@ def build_result(sim: Simulator, *, wall_s: float) -> SimResult:
     window = max(requests[-1].arrival_s - requests[0].arrival_s, 1e-9) if n > 1 else max(e2e[0], 1e-9)
     makespan = max(r.finish_s for r in requests)
     num_gpus_alive = sum(w.num_gpus for w in sim.workers.values())
+    cached = [r.num_cached_tokens for r in requests]
+    num_prompt_tokens = sum(r.prompt_len for r in requests)
     summary: dict[str, Any] = {
         "num_requests": n,
         "policy": cfg.policy,
@@ -126,7 +135,18 @@ def build_result(sim: Simulator, *, wall_s: float) -> SimResult:
         "num_preemptions": sum(w.num_preemptions for w in sim.workers.values()),
         "preemptions": sum(w.num_preemptions for w in sim.workers.values()),  # alias used by bench/sim_validation
         "num_restarts": sim.counters.restarts,
+        # Cached prompt tokens / prompt tokens, at each request's first-token prefill.
+        "prefix_hit_rate": sum(cached) / num_prompt_tokens,
+        "num_cached_prompt_tokens": sum(cached),
+        "num_prompt_tokens": num_prompt_tokens,
         "num_decode_reroutes": sim.counters.reroutes,
+        "decisions": {  # every one made by the production placement core and migration policy
+            "placed": sim.counters.placements,
+            "no_capacity": sim.counters.no_capacity,
+            "admitted": sim.counters.admitted,
+            "admission_waits": sim.counters.admission_waits,
+            "admission_queued": sim.counters.admission_queued,
+        },
         "migrations": {
             "started": sim.counters.migrations_started,
             "committed": sim.counters.migrations_committed,
@@ -142,11 +162,24 @@ def build_result(sim: Simulator, *, wall_s: float) -> SimResult:
         "events_per_s": sim.counters.events / max(wall_s, 1e-9),
     }
     workers = {
-        wid: {"busy_s": round(w.busy_s, 6), "steps": w.num_steps, "preemptions": w.num_preemptions}
+        wid: {
+            "busy_s": round(w.busy_s, 6),
+            "steps": w.num_steps,
+            "preemptions": w.num_preemptions,
+            "prefix_query_tokens": w.prefix.num_query_tokens,
+            "prefix_hit_tokens": w.prefix.num_hit_tokens,
+        }
         for wid, w in sim.workers.items()
     }
     return SimResult(
-        summary=summary, ttft_s=ttft, tpot_s=tpot, e2e_s=e2e, meets_slo=meets, time_series=sim.series, workers=workers
+        summary=summary,
+        ttft_s=ttft,
+        tpot_s=tpot,
+        e2e_s=e2e,
+        meets_slo=meets,
+        time_series=sim.series,
+        workers=workers,
+        cached_tokens=cached,
     )
 
 

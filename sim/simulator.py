@@ -1,5 +1,10 @@
-"""The discrete-event loop: arrivals, routing through the real `Policy`, worker steps, KV transfers,
-migrations and failures.
+"""The discrete-event loop: arrivals, placement, worker steps, KV transfers, migrations and failures.
+
+Every decision is production code: requests are predicted, admitted, placed and tracked by the router's
+`PlacementCore` (its `Policy`, `decide_admission` and `KvLedger`), and decoding requests are rebalanced by
+`control_plane/migration_policy.plan_rebalance`, fed *predicted* remaining lengths (never the trace's true ones).
+The simulator only models time, and does the waiting the router does around a pure admission decision: a
+request admission holds back waits, FIFO, and is tried again when a finish frees KV (the router's notify).
 
 Events sit in one heap keyed by (time, sequence number), so equal-time events run in the order they were
 scheduled and a run is a pure function of the config. Arrivals are merged in from the sorted trace instead of
@@ -12,21 +17,35 @@ from __future__ import annotations
 import heapq
 import logging
 import time
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from control_plane.migration_policy import MigrationDecision, MigrationHistory, plan_rebalance
+from control_plane.migration_policy import WorkerView as MigrationView
 from router.length_predictor import LengthPredictor
-from router.policy import NoCapacityError, RouteRequest
+from router.placement import PlacementCore
+from router.policy import Decision, NoCapacityError, RouteRequest
 from router.registry import make_policy
 from sim.config import SimConfig, make_cost_model, worker_gpus
-from sim.migration import WorkerLoad, pick_request, plan_rebalance
 from sim.results import SimResult, build_result
-from sim.views import ViewTracker
+from sim.views import ViewTracker, migration_view
 from sim.worker import SimRequest, SimWorker, cdiv
 
 logger = logging.getLogger(__name__)
 
-STEP_END, RETRY, TRANSFER_DONE, MIGRATION_COPIED, MIGRATION_LANDED, FAILURE, RECOVER, SAMPLE, MIGRATION_TICK = range(9)
+(
+    STEP_END,
+    RETRY,
+    TRANSFER_DONE,
+    MIGRATION_COPIED,
+    MIGRATION_LANDED,
+    FAILURE,
+    RECOVER,
+    SAMPLE,
+    MIGRATION_TICK,
+    ADMISSION_RECHECK,
+) = range(10)
 LENGTH_AWARE_POLICIES = frozenset({"raylane"})
 TENANT = "sim"
 
@@ -37,6 +56,16 @@ ProgressFn = Callable[[float, int, int], None]
 @dataclass(slots=True)
 class _Counters:
     events: int = 0
+    placements: int = 0
+    """Requests the placement core placed (policy decision plus ledger entry)."""
+    no_capacity: int = 0
+    """Policy decisions that found no worker (the request retries later)."""
+    admitted: int = 0
+    """Admission verdicts that admitted (admission on only)."""
+    admission_waits: int = 0
+    """Admission verdicts that said wait (a queued request is asked again at every finish)."""
+    admission_queued: int = 0
+    """Times a request joined the admission queue (held back, or arriving behind earlier waiters)."""
     migrations_started: int = 0
     migrations_committed: int = 0
     migrations_aborted: int = 0
@@ -90,22 +119,27 @@ class Simulator:
 
     def _init_policy(self) -> None:
         cfg = self.config
-        self.policy = make_policy(cfg.policy)
+        policy = make_policy(cfg.policy)
         if cfg.policy == "p2c":
-            self.policy.rng.seed(cfg.seed)
-        use = cfg.use_length_predictor
-        self.predictor = (
-            LengthPredictor() if (use if use is not None else cfg.policy in LENGTH_AWARE_POLICIES) else None
-        )
+            policy.rng.seed(cfg.seed)
+        admission = cfg.admission if cfg.admission.enabled else None
+        reads_lengths = cfg.policy in LENGTH_AWARE_POLICIES or admission is not None or cfg.migration.enabled
+        use = cfg.use_length_predictor if cfg.use_length_predictor is not None else reads_lengths
+        self.placement = PlacementCore(policy, predictor=LengthPredictor() if use else None, admission=admission)
+        self.policy, self.predictor = policy, self.placement.predictor
+        tracked = self.predictor is not None or admission is not None
         self.views = ViewTracker(
             self.workers,
             deployment=cfg.deployment,
-            max_tokens=cfg.max_tokens,
             kv_bytes_per_token=self.kv_bytes_per_token,
-            track_ledger=self.predictor is not None,
+            ledger=self.placement.ledger if tracked else None,
             ledger_refresh_s=cfg.ledger_refresh_s,
         )
-        self.assigned, self.inflight = self.views.assigned, self.views.inflight
+        self.inflight = self.views.inflight
+        self.admission_queue: deque[SimRequest] = deque()
+        """Requests admission held back, FIFO (one tenant); tried again when a finish frees KV."""
+        self._recheck_pending = False
+        self._wake_pending = False
 
     def _init_state(self) -> None:
         self.heap: list[tuple[float, int, int, object, object]] = []
@@ -116,6 +150,9 @@ class Simulator:
         """Per prefill worker, prefilled requests whose KV waits there for their decode worker to pull it."""
         self.transfers: dict[int, SimRequest] = {}
         self.migrations: dict[int, SimRequest] = {}
+        self.migration_routes: dict[int, tuple[str, str]] = {}
+        """Per migrating request, (source, destination): the production policy's rate limit counts them."""
+        self.migration_last_started: dict[str, float] = {}
         self.commit_pending: dict[str, list[SimRequest]] = {wid: [] for wid in self.workers}
         self.series: list[dict[str, float]] = []
         self.num_finished = 0
@@ -136,11 +173,7 @@ class Simulator:
                     f"request {i} needs {t.prompt_len + output_len} tokens of KV but a worker holds {max_kv_tokens}; "
                     "raise kv_blocks or clip the trace"
                 )
-            self.requests.append(
-                SimRequest(
-                    index=i, request_id=f"r{i}", arrival_s=t.arrival_s, prompt_len=t.prompt_len, output_len=output_len
-                )
-            )
+            self.requests.append(SimRequest.from_trace(i, t, output_len=output_len))
         for failure in cfg.failures:
             if failure.worker_id not in self.workers:
                 raise ValueError(f"failure names unknown worker {failure.worker_id!r}; workers: {sorted(self.workers)}")
@@ -195,6 +228,7 @@ class Simulator:
             RECOVER: self._on_recover,
             SAMPLE: self._on_sample,
             MIGRATION_TICK: self._on_migration_tick,
+            ADMISSION_RECHECK: self._on_admission_recheck,
         }
 
     def _push(self, t: float, kind: int, a: object, b: object) -> None:
@@ -208,9 +242,8 @@ class Simulator:
     # --- routing -------------------------------------------------------------------------------------------------
 
     def _arrive(self, r: SimRequest) -> None:
-        if self.predictor is not None:
-            prediction = self.predictor.predict(self._route_request(r))
-            r.predicted_p50, r.predicted_p90 = prediction.p50, prediction.p90
+        request = self.placement.predict(self._route_request(r))
+        r.predicted_p50, r.predicted_p90 = request.predicted_output_p50, request.predicted_output_p90
         self._route(r)
 
     def _route_request(self, r: SimRequest) -> RouteRequest:
@@ -222,19 +255,39 @@ class Simulator:
             max_tokens=self.config.max_tokens,
             predicted_output_p50=r.predicted_p50,
             predicted_output_p90=r.predicted_p90,
+            prompt_hashes=r.prompt_hashes,
         )
 
-    def _decide(self, r: SimRequest):
+    def _route(self, r: SimRequest) -> None:
+        """Place `r` through the placement core; it waits (behind earlier waiters) when admission says so."""
+        if self.admission_queue:
+            self._queue_for_admission(r, retry_after_s=None)
+            self._wake_admission()
+            return
+        retry_after_s = self._try_place(r)
+        if retry_after_s is not None:
+            self._queue_for_admission(r, retry_after_s=retry_after_s)
+
+    def _try_place(self, r: SimRequest) -> float | None:
+        """Admit and place `r` (or schedule a retry when no worker is healthy); a retry-after: admission says wait."""
+        request = self._route_request(r)
+        verdict = self.placement.admit(request, self.views.view(self.now))
+        if verdict.view is None:
+            self.counters.admission_waits += 1
+            return verdict.retry_after_s
+        if self.placement.admission is not None:
+            self.counters.admitted += 1
         try:
-            return self.policy.route(self._route_request(r), self.views.view(self.now))
+            decision = self.placement.place(request, verdict.view, r.request_id)
         except NoCapacityError as e:
+            self.counters.no_capacity += 1
             self._push(self.now + e.retry_after_s, RETRY, r, None)
             return None
+        self.counters.placements += 1
+        self._dispatch(r, decision)
+        return None
 
-    def _route(self, r: SimRequest) -> None:
-        decision = self._decide(r)
-        if decision is None:
-            return
+    def _dispatch(self, r: SimRequest, decision: Decision) -> None:
         decode = self.workers[decision.worker_id]
         prefill = self.workers[decision.prefill_worker_id] if decision.prefill_worker_id else decode
         r.decode_worker, r.prefill_worker = decode.worker_id, prefill.worker_id
@@ -244,6 +297,55 @@ class Simulator:
         self.views.mark(decode.worker_id)
         prefill.waiting.append(r)
         self._kick(prefill)
+
+    def _queue_for_admission(self, r: SimRequest, *, retry_after_s: float | None) -> None:
+        self.admission_queue.append(r)
+        self.counters.admission_queued += 1
+        if logger.isEnabledFor(logging.INFO):
+            logger.info(
+                "admission decision=queue request_id=%s at_s=%.3f queued=%d retry_after_s=%s",
+                r.request_id,
+                self.now,
+                len(self.admission_queue),
+                "-" if retry_after_s is None else f"{retry_after_s:.2f}",
+            )
+        if retry_after_s is not None:
+            self._schedule_recheck(retry_after_s)
+
+    def _schedule_recheck(self, retry_after_s: float) -> None:
+        # Finishes wake the queue; the recheck covers KV that frees without one (a restart, a migration).
+        if not self._recheck_pending:
+            self._recheck_pending = True
+            self._push(self.now + retry_after_s, ADMISSION_RECHECK, False, None)
+
+    def _wake_admission(self) -> None:
+        """The router's notify: try the waiters again once the event in progress is done (placing from inside a
+        worker's step end would start a second step on it)."""
+        if self.admission_queue and not self._wake_pending:
+            self._wake_pending = True
+            self._push(self.now, ADMISSION_RECHECK, True, None)
+
+    def _on_admission_recheck(self, is_wake: bool, _b: object) -> None:
+        if is_wake:
+            self._wake_pending = False
+        else:
+            self._recheck_pending = False
+        while self.admission_queue:  # FIFO, while admission lets the head go
+            retry_after_s = self._try_place(self.admission_queue[0])
+            if retry_after_s is not None:
+                self._schedule_recheck(retry_after_s)
+                return
+            self.admission_queue.popleft()
+
+    def _reroute_decode(self, r: SimRequest) -> str | None:
+        """A new decode worker for a prefilled request whose own died (the router's replan); None: no healthy one."""
+        try:
+            decision = self.placement.route(self._route_request(r), self.views.view(self.now))
+        except NoCapacityError:
+            self.counters.no_capacity += 1
+            return None
+        target = decision.worker_id
+        return target if self.workers[target].is_healthy else None
 
     # --- worker steps --------------------------------------------------------------------------------------------
 
@@ -302,18 +404,18 @@ class Simulator:
         assert r.finish_s < 0, f"request {r.request_id} finished twice"
         r.finish_s = self.now
         self.views.unassign(r.decode_worker, r)
+        self.placement.finish(r.request_id)
         self.views.mark(r.decode_worker)
         self.num_finished += 1
-        if self.predictor is not None:
-            self.predictor.observe(self._route_request(r), r.output_len)
+        self.placement.observe(self._route_request(r), r.output_len)
+        self._wake_admission()  # a finish frees KV
 
     def _hand_off(self, r: SimRequest, prefill: SimWorker) -> None:
         """P/D: the prompt's KV waits on `prefill` until its decode worker has blocks and pulls it."""
         decode = self.workers[r.decode_worker]
         if not decode.is_healthy:
-            decision = self._decide(r)
-            target = decision.worker_id if decision is not None else None
-            if target is None or not self.workers[target].is_healthy:
+            target = self._reroute_decode(r)
+            if target is None:
                 prefill.release(r)
                 self._restart(r)
                 return
@@ -321,6 +423,7 @@ class Simulator:
             decode = self.workers[target]
             r.decode_worker = target
             self.views.assign(target, r)
+            self.placement.move(r.request_id, target)
             self.counters.reroutes += 1
         else:
             self.inflight[decode.worker_id] -= 1
@@ -351,6 +454,7 @@ class Simulator:
         r.num_computed = r.num_blocks = 0  # the KV is gone (freed by the caller where its worker lives on)
         r.is_migrating, r.migrate_to = False, ""
         self.counters.restarts += 1
+        self.placement.finish(r.request_id)  # placed again below, as a new attempt
         if self.views.unassign(r.decode_worker, r) and r.prefill_worker != r.decode_worker:
             self.inflight[r.decode_worker] = max(self.inflight[r.decode_worker] - 1, 0)
         self.views.mark(r.decode_worker)
@@ -407,42 +511,43 @@ class Simulator:
         w.is_healthy = True
         self.views.mark(worker_id)
         logger.info("worker recovered worker_id=%s at_s=%.3f", worker_id, self.now)
+        self._wake_admission()
 
     # --- migration -------------------------------------------------------------------------------------------------
 
     def _on_migration_tick(self, _a: object, _b: object) -> None:
+        """One rebalancer pass per role, as the control plane runs it: the production policy over the workers'
+        running requests, with remaining lengths from the router's predictions."""
         cfg = self.config.migration
-        by_role: dict[str, list[WorkerLoad]] = {}
+        in_flight: Counter[str] = Counter()
+        for source, destination in self.migration_routes.values():
+            in_flight.update((source, destination))
+        history = MigrationHistory(in_flight=in_flight, last_started=self.migration_last_started)
+        by_role: dict[str, list[MigrationView]] = {}
+        predicted: dict[str, int] = {}
         for w in self.workers.values():
             if w.role == "prefill" or not w.is_healthy:
                 continue
-            queued = sum(cdiv(r.prefill_target, w.block_size) for r in w.waiting)
-            queued += sum(cdiv(r.num_computed + 1, w.block_size) for r in w.pulls)
             by_role.setdefault(w.role, []).append(
-                WorkerLoad(
-                    worker_id=w.worker_id,
-                    used_fraction=w.used_blocks / w.kv_blocks,
-                    queued_fraction=queued / w.kv_blocks,
-                    free_blocks=w.free_blocks,
-                )
+                migration_view(w, max_tokens=self.config.max_tokens, predicted=predicted)
             )
-        for loads in by_role.values():
-            for move in plan_rebalance(loads, min_gap=cfg.min_gap, max_moves=cfg.max_per_tick):
-                self._start_migration(self.workers[move.source_id], self.workers[move.destination_id])
+        for views in by_role.values():
+            if len(views) < 2:
+                continue
+            for decision in plan_rebalance(
+                views, history=history, now=self.now, config=cfg.policy, predicted=predicted
+            ):
+                self._start_migration(decision)
         if self._is_busy():
             self._push(self.now + cfg.interval_s, MIGRATION_TICK, None, None)
 
-    def _start_migration(self, src: SimWorker, dst: SimWorker) -> None:
-        # Decode progress inside a fast-forward run is settled only at step ends; sizes here are from the last one.
-        candidates = [
-            (r.request_id, r.num_computed, r.output_len - r.num_generated) for r in src.decoding if not r.is_migrating
-        ]
-        chosen = pick_request(candidates, free_blocks=dst.free_blocks, block_size=dst.block_size)
-        if chosen is None:
-            return
-        r = next(r for r in src.decoding if r.request_id == chosen)
+    def _start_migration(self, decision: MigrationDecision) -> None:
+        src, dst = self.workers[decision.source_id], self.workers[decision.destination_id]
+        r = next(r for r in src.decoding if r.request_id == decision.request_id)
         r.is_migrating = True
         self.migrations[r.index] = r
+        self.migration_routes[r.index] = (src.worker_id, dst.worker_id)
+        self.migration_last_started[src.worker_id] = self.migration_last_started[dst.worker_id] = self.now
         self.counters.migrations_started += 1
         # Stage 1 copies what is there now while the request keeps decoding on the source (pre-copy).
         dt = self.link.transfer_time_s(r.num_computed * self.kv_bytes_per_token)
@@ -451,10 +556,14 @@ class Simulator:
             "migration started request_id=%s source=%s destination=%s", r.request_id, src.worker_id, dst.worker_id
         )
 
+    def _end_migration(self, r: SimRequest) -> None:
+        self.migrations.pop(r.index, None)
+        self.migration_routes.pop(r.index, None)
+
     def _on_migration_copied(self, r: SimRequest, data: tuple[int, str]) -> None:
         epoch, destination = data
         if epoch != r.epoch or not r.is_migrating or r.finish_s >= 0:
-            self.migrations.pop(r.index, None)
+            self._end_migration(r)
             return
         r.migrate_to = destination
         src = self.workers[r.decode_worker]
@@ -477,6 +586,7 @@ class Simulator:
             dst.num_pulling += 1
             self.views.unassign(src.worker_id, r)
             self.views.assign(dst.worker_id, r)
+            self.placement.move(r.request_id, dst.worker_id)
             r.decode_worker = dst.worker_id
             if src.role == "mixed":
                 r.prefill_worker = dst.worker_id
@@ -493,12 +603,12 @@ class Simulator:
 
     def _abort_migration(self, r: SimRequest) -> None:
         r.is_migrating, r.migrate_to = False, ""
-        self.migrations.pop(r.index, None)
+        self._end_migration(r)
         self.counters.migrations_aborted += 1
 
     def _on_migration_landed(self, r: SimRequest, data: tuple[int, str]) -> None:
         epoch, destination = data
-        self.migrations.pop(r.index, None)
+        self._end_migration(r)
         r.is_migrating, r.migrate_to = False, ""
         if epoch != r.epoch:
             return

@@ -1,7 +1,8 @@
-"""Request traces for the simulator: Azure 2023 and BurstGPT CSVs, rate scaling, time slicing, synthetic load.
+"""Request traces for the simulator: Azure 2023 and BurstGPT CSVs, Mooncake JSONL, rate scaling, time slicing,
+synthetic load.
 
 Every loader returns `TraceRequest`s (the router's type, `router/trace.py`) sorted by arrival, times in seconds
-from the first row.
+from the first row. Mooncake rows carry their prompts' block hash ids; every reshaping here keeps them.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import random
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from router.trace import TraceRequest, load_trace
+from router.trace import TraceRequest, is_mooncake, load_mooncake, load_trace
 
 __all__ = [
     "SyntheticTrace",
@@ -19,6 +20,7 @@ __all__ = [
     "load_any",
     "load_azure",
     "load_burstgpt",
+    "load_mooncake",
     "overlay",
     "scale_rate",
     "slice_time",
@@ -63,17 +65,21 @@ def load_burstgpt(path: str | Path, *, model: str | None = None, drop_failures: 
 
 
 def load_any(path: str | Path) -> list[TraceRequest]:
-    """Pick the parser from the CSV header."""
+    """Pick the parser from the file: Mooncake JSONL by its first line's keys, else the CSV header."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"trace {path} not found")
+    if is_mooncake(path):
+        return load_mooncake(path)
     with path.open(newline="") as f:
         header = next(csv.reader(f), [])
     if all(c in header for c in AZURE_COLUMNS):
         return load_azure(path)
     if all(c in header for c in BURSTGPT_COLUMNS):
         return load_burstgpt(path)
-    raise ValueError(f"{path}: unknown trace format, header {header}; expected Azure 2023 or BurstGPT columns")
+    raise ValueError(
+        f"{path}: unknown trace format, header {header}; expected Azure 2023 or BurstGPT columns, or Mooncake JSONL"
+    )
 
 
 def scale_rate(requests: list[TraceRequest], factor: float) -> list[TraceRequest]:
@@ -101,6 +107,9 @@ def overlay(
     Multiplies the arrival rate by `copies` over the trace's own span (unlike `scale_rate`, which shortens the
     span), keeping its length distribution. `window` = (start, end) keeps only arrivals in [start, end),
     which saves building requests a slice would drop.
+
+    Copy k's block hash ids are shifted by k x (largest id + 1): copies share no prefix the trace did not have,
+    so an overlay multiplies load but keeps the trace's prefix reuse per request.
     """
     if copies < 1:
         raise ValueError(f"copies must be >= 1, got {copies}")
@@ -109,16 +118,21 @@ def overlay(
     span = requests[-1].arrival_s + (requests[-1].arrival_s - requests[0].arrival_s) / max(len(requests) - 1, 1)
     start, end = window if window is not None else (0.0, float("inf"))
     rng = random.Random(seed)
-    rows = [(r.arrival_s, r.prompt_len, r.output_len) for r in requests]
-    merged = [row for row in rows if start <= row[0] < end]
-    for _ in range(copies - 1):
+    id_stride = 1 + max((max(r.block_hash_ids) for r in requests if r.block_hash_ids), default=-1)
+    merged = [(r.arrival_s, i, 0) for i, r in enumerate(requests) if start <= r.arrival_s < end]
+    for copy in range(1, copies):
         shift = rng.uniform(0, span)
-        for t, p, o in rows:
-            t = (t + shift) % span
+        for i, r in enumerate(requests):
+            t = (r.arrival_s + shift) % span
             if start <= t < end:
-                merged.append((t, p, o))
+                merged.append((t, i, copy))
     merged.sort()
-    return [TraceRequest(arrival_s=t, prompt_len=p, output_len=o) for t, p, o in merged]
+    out = []
+    for t, i, copy in merged:
+        r = requests[i]
+        ids = tuple(h + copy * id_stride for h in r.block_hash_ids) if copy and r.block_hash_ids else r.block_hash_ids
+        out.append(replace(r, arrival_s=t, block_hash_ids=ids))
+    return out
 
 
 @dataclass(kw_only=True, frozen=True)

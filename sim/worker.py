@@ -11,6 +11,10 @@ Fast-forward: when a step would be pure decode with nothing to admit, the worker
 steps (until the first finish or the first block shortage) and asks the cost model for their summed time in
 closed form. An outside event during a run (arrival, KV pulled in, failure) truncates it at the step in
 progress (`truncate`), so no event is ever delayed by fast-forwarding.
+
+Prefix caching (`sim/prefix_cache.py`, as vLLM's): a request with block hashes (a Mooncake trace's) reuses its
+cached leading blocks at admission and prefills only the rest; cached blocks no request holds count as free
+blocks and are evicted, least recently used, by the allocations that need them.
 """
 
 from __future__ import annotations
@@ -18,7 +22,10 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
+from router.policy import PromptHashes
+from router.trace import TraceRequest, chain_block_ids
 from sim.cost import CostModel, StepShape, decode_run_time_s
+from sim.prefix_cache import PrefixCache
 
 
 @dataclass(slots=True, eq=False)
@@ -55,6 +62,31 @@ class SimRequest:
     is_migrating: bool = False
     epoch: int = 0
     """Bumped on every restart, so events of an earlier life (a transfer in flight) are ignored."""
+    block_hashes: tuple[int, ...] = ()
+    """Chained hashes of the prompt's full blocks of `hash_block_size` tokens (empty: no prefix information)."""
+    hash_block_size: int = 0
+    """Tokens per block of `block_hashes`."""
+    prompt_hashes: PromptHashes | None = None
+    """What the router is told: the hashes of the blocks a cache hit can cover (never the last prompt token)."""
+    cached_hashes: list[int] | None = None
+    """Hashes of cached blocks it holds on its current worker (refcounted there); None: none."""
+    num_hashed: int = 0
+    """Leading prompt blocks already looked up or registered on its current worker."""
+    num_cached_tokens: int = 0
+    """Prompt tokens its first-token prefill took from the prefix cache."""
+
+    @classmethod
+    def from_trace(cls, index: int, t: TraceRequest, *, output_len: int) -> SimRequest:
+        """Request `index` of the trace, with its prompt's block hashes when the trace has them."""
+        r = cls(
+            index=index, request_id=f"r{index}", arrival_s=t.arrival_s, prompt_len=t.prompt_len, output_len=output_len
+        )
+        if t.block_hash_ids and t.hash_block_size > 0:
+            size = t.hash_block_size
+            r.block_hashes = chain_block_ids(t.block_hash_ids[: t.prompt_len // size])
+            r.hash_block_size = size
+            r.prompt_hashes = PromptHashes(block_size=size, hashes=r.block_hashes[: (t.prompt_len - 1) // size])
+        return r
 
     @property
     def prefill_target(self) -> int:
@@ -100,11 +132,13 @@ class SimWorker:
         self.max_batched_tokens, self.max_num_seqs = max_batched_tokens, max_num_seqs
         self.num_gpus = num_gpus
         self.chunked_prefill = chunked_prefill
+        self.prefix = PrefixCache(block_size)
         self._init_state()
 
     def _init_state(self) -> None:
         self.is_healthy = True
-        self.free_blocks = self.kv_blocks
+        self.prefix.clear()
+        self._free_blocks = self.kv_blocks
         self.decoding: list[SimRequest] = []
         self.prefilling: list[SimRequest] = []
         self.waiting: deque[SimRequest] = deque()
@@ -123,6 +157,27 @@ class SimWorker:
         self.slowdown = 1.0
         """Multiplier on the cost model's step times, set by the simulator before each plan (CPU sharing)."""
         self.num_preemptions = 0
+
+    # --- KV blocks and the prefix cache -----------------------------------------------------------------------
+
+    @property
+    def free_blocks(self) -> int:
+        """Blocks an allocation may take, cached blocks no request holds included (taking them evicts them)."""
+        return self._free_blocks
+
+    @free_blocks.setter
+    def free_blocks(self, value: int) -> None:
+        self._free_blocks = value
+        self.prefix.trim(value)
+
+    @property
+    def prefix_block_size(self) -> int:
+        """Tokens per block of `prefix_block_hashes` (0 before any request with block hashes)."""
+        return self.prefix.block_size
+
+    def prefix_block_hashes(self) -> frozenset[int] | None:
+        """Every prefix block findable here, for the router's view; None before any request with block hashes."""
+        return self.prefix.hashes()
 
     # --- what the router sees ----------------------------------------------------------------------------------
 
@@ -184,11 +239,24 @@ class SimWorker:
             return False
         head = self.waiting[0]
         if not self.chunked_prefill:
-            return cdiv(head.prefill_target, self.block_size) <= self.free_blocks
+            return self._admission(head, None)[2] <= self.free_blocks
         budget = self.max_batched_tokens - len(self.decoding)
         if budget <= 0:
             return False
-        return cdiv(min(head.prefill_target, budget), self.block_size) <= self.free_blocks
+        return self._admission(head, budget)[2] <= self.free_blocks
+
+    def _admission(self, r: SimRequest, budget: int | None) -> tuple[int, int, int]:
+        """(cached leading blocks, tokens of its first chunk, free blocks admitting it takes); `budget` None:
+        the whole rest of the prompt in one chunk."""
+        num_hit, hit_cost = self.prefix.lookup(r)
+        cached = num_hit * r.hash_block_size
+        chunk = r.prefill_target - cached if budget is None else min(r.prefill_target - cached, budget)
+        return num_hit, chunk, hit_cost + cdiv(cached + chunk, self.block_size) - num_hit * self.prefix.blocks_per_hash
+
+    def _claim(self, r: SimRequest, num_hit: int) -> None:
+        if r.block_hashes:
+            # Cached blocks no one held leave the free pool with their entries, so nothing else is evicted.
+            self._free_blocks -= self.prefix.claim(r, num_hit)
 
     def _plan_run(self, now: float) -> StepPlan | None:
         decodes = self.decoding
@@ -276,14 +344,15 @@ class SimWorker:
             and self.num_running < self.max_num_seqs
         ):
             r = self.waiting[0]
-            chunk = min(r.prefill_target, budget)
-            if cdiv(chunk, bs) > self.free_blocks:
+            num_hit, chunk, need = self._admission(r, budget)
+            if need > self.free_blocks:
                 break
             self.waiting.popleft()
             self.admit_counter += 1
             r.admit_seq = self.admit_counter
+            self._claim(r, num_hit)
             self.prefilling.append(r)
-            self._grow(r, chunk)
+            self._grow(r, r.num_computed + chunk)
             chunks.append((r, chunk))
             budget -= chunk
         if not decodes and not chunks:
@@ -307,20 +376,24 @@ class SimWorker:
         budget = self.max_batched_tokens
         while self.waiting and self.num_running < self.max_num_seqs:
             r = self.waiting[0]
-            tokens = r.prefill_target
+            num_hit, tokens, need = self._admission(r, None)
             # A prompt longer than the budget still runs, alone, as v0 does up to its max model length.
-            if (chunks and tokens > budget) or cdiv(tokens, self.block_size) > self.free_blocks:
+            if (chunks and tokens > budget) or need > self.free_blocks:
                 break
             self.waiting.popleft()
             self.admit_counter += 1
             r.admit_seq = self.admit_counter
+            self._claim(r, num_hit)
             self.prefilling.append(r)
-            self._grow(r, tokens)
+            self._grow(r, r.num_computed + tokens)
             chunks.append((r, tokens))
             budget -= tokens
         if not chunks:
             return None
-        shape = StepShape(num_prefill_tokens=sum(c for _, c in chunks), prefill_attn_work=sum(c * c for _, c in chunks))
+        shape = StepShape(
+            num_prefill_tokens=sum(c for _, c in chunks),
+            prefill_attn_work=sum(c * (r.num_computed + c) for r, c in chunks),
+        )
         return StepPlan(start_s=now, end_s=now + self.cost.step_time_s(shape), decodes=[], chunks=chunks)
 
     def _grow(self, r: SimRequest, num_tokens: int) -> None:
@@ -344,8 +417,9 @@ class SimWorker:
         return victim
 
     def release(self, r: SimRequest) -> None:
-        """Free `r`'s blocks here and forget its KV (it recomputes if it runs here again)."""
-        self.free_blocks += r.num_blocks
+        """Free `r`'s blocks here and forget its KV (it recomputes if it runs here again); its cached prompt
+        blocks stay findable until evicted."""
+        self.free_blocks += r.num_blocks - self.prefix.release(r)
         r.num_blocks = 0
         r.num_computed = 0
         assert self.free_blocks <= self.kv_blocks
@@ -393,6 +467,8 @@ class SimWorker:
         prefilled: list[SimRequest] = []
         for r, chunk in plan.chunks:
             r.num_computed += chunk
+            if r.block_hashes:
+                self.prefix.register(r)
             if r.num_computed >= r.prefill_target:
                 r.num_generated += 1
                 prefilled.append(r)
@@ -414,6 +490,7 @@ class SimWorker:
         for r in lost:
             r.num_blocks = 0
             r.num_computed = 0
+            r.cached_hashes, r.num_hashed = None, 0
         self._init_state()
         self.is_healthy = False
         self.version += 1

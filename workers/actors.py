@@ -17,7 +17,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import aclosing, contextmanager
 from dataclasses import dataclass, replace
 
 import ray
@@ -199,19 +200,17 @@ class LLMWorker:
 
     @ray.method(num_returns="streaming", _generator_backpressure_num_objects=_STREAM_BACKPRESSURE)
     async def generate(self, call: GenerateCall) -> AsyncIterator[TokenChunk]:
-        """Stream the whole output of `call` (seq 0, 1, ...). Roles: mixed, decode."""
+        """Stream the whole output of `call` (seq 0, 1, ..., or on from a failover's resume tokens).
+
+        Roles: mixed, decode.
+        """
         self._check_role("generate", ("mixed", "decode"))
-        stream = self.engine.generate(
-            call.request_id,
-            call.engine_prompt,
-            call.sampling,
-            lora_name=call.adapter,
-            priority=call.priority,
-            **call.resume_kwargs,
-        )
-        first_seq = len(call.resume_output_token_ids)  # a failover resume continues the client's stream
-        async for chunk in self._chunks(call.request_id, stream, first_seq=first_seq):
-            yield chunk
+        with self._open_stream(call.request_id) as opened:
+            async with aclosing(self.engine.generate(call)) as outputs:
+                async for output in outputs:
+                    chunk = await self._to_chunk(opened, output)
+                    with _StallGuard(self, call.request_id):
+                        yield chunk
 
     @ray.method(num_returns=2)
     async def prefill(self, call: GenerateCall) -> tuple[PrefillResult, KVExport | None]:
@@ -221,14 +220,7 @@ class LLMWorker:
         """
         self._check_role("prefill", ("prefill", "mixed"))
         start = time.perf_counter()
-        output, export = await self.engine.prefill(
-            call.request_id,
-            call.engine_prompt,
-            call.sampling,
-            lora_name=call.adapter,
-            priority=call.priority,
-            **call.resume_kwargs,
-        )
+        output, export = await self.engine.prefill(call)
         prefill_ms = (time.perf_counter() - start) * 1e3
         kv_bytes = 0 if export is None else export.nbytes
         logger.info(
@@ -242,7 +234,7 @@ class LLMWorker:
             prefill_ms,
             output.finished,
         )
-        first = self._chunk(call.request_id, len(call.resume_output_token_ids), output)
+        first = chunk_from_output(output, worker_id=self.config.worker_id)
         return PrefillResult(first=first, prefill_ms=prefill_ms, kv_bytes=kv_bytes), export
 
     @ray.method(num_returns="streaming", _generator_backpressure_num_objects=_STREAM_BACKPRESSURE)
@@ -256,23 +248,24 @@ class LLMWorker:
             raise ValueError(f"request {call.request_id!r} finished at prefill; there is nothing to decode")
         if export.request_id != call.request_id:
             raise ValueError(f"KV export is for {export.request_id!r}, the call is {call.request_id!r}")
-        start = time.perf_counter()
-        is_first = True
-        first_seq = len(export.output_token_ids)
-        async for chunk in self._chunks(call.request_id, self.engine.resume(export), first_seq=first_seq):
-            if is_first:
-                is_first = False
-                # Import plus one decode step: the handoff cost the decode side adds.
-                logger.info(
-                    "pd decode handoff worker_id=%s request_id=%s blocks=%d bytes=%d tokens=%d first_token_ms=%.1f",
-                    self.config.worker_id,
-                    call.request_id,
-                    export.num_blocks,
-                    export.nbytes,
-                    export.num_computed_tokens,
-                    (time.perf_counter() - start) * 1e3,
-                )
-            yield chunk
+        with self._open_stream(call.request_id) as opened:
+            async with aclosing(self.engine.resume(export)) as outputs:
+                async for output in outputs:
+                    chunk = await self._to_chunk(opened, output)
+                    if opened.num_chunks == 1:
+                        # Import plus one decode step: the handoff cost the decode side adds.
+                        logger.info(
+                            "pd decode handoff worker_id=%s request_id=%s blocks=%d bytes=%d tokens=%d "
+                            "first_token_ms=%.1f",
+                            self.config.worker_id,
+                            call.request_id,
+                            export.num_blocks,
+                            export.nbytes,
+                            export.num_computed_tokens,
+                            opened.elapsed_ms(),
+                        )
+                    with _StallGuard(self, call.request_id):
+                        yield chunk
 
     async def abort(self, request_id: str) -> bool:
         """Abort a request wherever it is; an open stream for it ends with finish_reason `abort`."""
@@ -407,17 +400,21 @@ class LLMWorker:
                 f"attach({request_id!r}, from_seq={from_seq}) but worker {self.config.worker_id} has its output "
                 f"from index {incoming.first_seq} on"
             )
-        async for chunk in self._chunks(request_id, incoming.stream, first_seq=incoming.first_seq):
-            if chunk.seq < from_seq:
-                # The caller already has these tokens; their text goes too (it may lag the tokens).
-                skip = min(from_seq - chunk.seq, len(chunk.token_ids))
-                if skip == len(chunk.token_ids) and not chunk.finished:
-                    continue
-                logprobs = None if chunk.logprobs is None else chunk.logprobs[skip:]
-                chunk = replace(
-                    chunk, seq=chunk.seq + skip, token_ids=chunk.token_ids[skip:], text="", logprobs=logprobs
-                )
-            yield chunk
+        with self._open_stream(request_id) as opened:
+            async with aclosing(incoming.stream) as outputs:
+                async for output in outputs:
+                    chunk = await self._to_chunk(opened, output)
+                    if chunk.seq < from_seq:
+                        # The caller already has these tokens; their text goes too (it may lag the tokens).
+                        skip = min(from_seq - chunk.seq, len(chunk.token_ids))
+                        if skip == len(chunk.token_ids) and not chunk.finished:
+                            continue
+                        logprobs = None if chunk.logprobs is None else chunk.logprobs[skip:]
+                        chunk = replace(
+                            chunk, seq=chunk.seq + skip, token_ids=chunk.token_ids[skip:], text="", logprobs=logprobs
+                        )
+                    with _StallGuard(self, request_id):
+                        yield chunk
 
     def _arm_watchdog(self, request_id: str, timeout_s: float) -> None:
         self._disarm_watchdog(request_id)
@@ -472,39 +469,31 @@ class LLMWorker:
 
     # ---- internals ----------------------------------------------------------------------------
 
-    async def _chunks(
-        self, request_id: str, outputs: AsyncIterator[RequestOutput], *, first_seq: int
-    ) -> AsyncIterator[TokenChunk]:
-        seq = first_seq
-        start = time.perf_counter()
-        finish_reason = None
-        loop = asyncio.get_running_loop()
+    @contextmanager
+    def _open_stream(self, request_id: str) -> Iterator[_OpenStream]:
+        """Count a token stream open (a drain waits for 0) and log how it ended."""
+        opened = _OpenStream(start=time.perf_counter())
         self._num_open_streams += 1
         try:
-            async for output in outputs:
-                await faults.hit_async("worker_chunk")
-                # Ray tells the producer nothing when a consumer stops reading; a yield blocked on backpressure
-                # for too long is the only sign, so the request is aborted rather than holding blocks forever.
-                stall = loop.call_later(self.config.stream_stall_timeout_s, self._abort_stalled, request_id)
-                try:
-                    yield self._chunk(request_id, seq, output)
-                finally:
-                    stall.cancel()
-                seq += len(output.new_token_ids)
-                migrated = f"migrated:{output.migrated_to}" if output.migrated_to else None
-                finish_reason = output.finish_reason or migrated
+            yield opened
         finally:
             self._num_open_streams -= 1
-            # Leaving early (a cancel, or the consumer went away) closes `outputs`, which aborts the request.
-            await outputs.aclose()
             logger.info(
                 "stream closed worker_id=%s request_id=%s tokens=%d finish_reason=%s ms=%.1f",
                 self.config.worker_id,
                 request_id,
-                seq - first_seq,
-                finish_reason or "cancelled",
-                (time.perf_counter() - start) * 1e3,
+                opened.num_tokens,
+                opened.finish_reason or "cancelled",
+                opened.elapsed_ms(),
             )
+
+    async def _to_chunk(self, opened: _OpenStream, output: RequestOutput) -> TokenChunk:
+        await faults.hit_async("worker_chunk")
+        opened.num_chunks += 1
+        opened.num_tokens += len(output.new_token_ids)
+        migrated = f"migrated:{output.migrated_to}" if output.migrated_to else None
+        opened.finish_reason = output.finish_reason or migrated
+        return chunk_from_output(output, worker_id=self.config.worker_id)
 
     def _abort_stalled(self, request_id: str) -> None:
         logger.warning(
@@ -518,10 +507,6 @@ class LLMWorker:
         self._background_tasks.add(task)
         task.add_done_callback(self._background_tasks.discard)
 
-    def _chunk(self, request_id: str, seq: int, output: RequestOutput) -> TokenChunk:
-        assert output.request_id == request_id
-        return chunk_from_output(output, seq=seq, worker_id=self.config.worker_id)
-
     def _check_role(self, method: str, roles: tuple[str, ...]) -> None:
         self._check_alive()
         if self.config.role not in roles:
@@ -533,6 +518,40 @@ class LLMWorker:
         if self._is_shut_down:
             raise RuntimeError(f"worker {self.config.worker_id} is shut down")
         self.engine.check_alive(self.config.engine_stall_timeout_s)
+
+
+@dataclass
+class _OpenStream:
+    """What one open token stream has sent so far, for its closing log line."""
+
+    start: float
+    """`time.perf_counter()` when it opened."""
+    num_chunks: int = 0
+    num_tokens: int = 0
+    finish_reason: str | None = None
+    """Set by the last chunk; None when the stream was cancelled."""
+
+    def elapsed_ms(self) -> float:
+        return (time.perf_counter() - self.start) * 1e3
+
+
+class _StallGuard:
+    """Around a `yield` to Ray: aborts the request when the consumer leaves the chunk unread for too long.
+
+    Ray tells the producer nothing when a consumer stops reading; a yield blocked on backpressure for too
+    long is the only sign, so the request is aborted rather than holding blocks forever.
+    """
+
+    def __init__(self, worker: LLMWorker, request_id: str) -> None:
+        self.worker = worker
+        self.request_id = request_id
+
+    def __enter__(self) -> None:
+        timeout_s = self.worker.config.stream_stall_timeout_s
+        self.timer = asyncio.get_running_loop().call_later(timeout_s, self.worker._abort_stalled, self.request_id)
+
+    def __exit__(self, *exc: object) -> None:
+        self.timer.cancel()
 
 
 @dataclass

@@ -7,8 +7,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+# The router's request type is the engine's own: it enters `Engine.add_request` as it is.
+from workers.engine.request import GenerateCall as GenerateCall
 from workers.engine.request import RequestOutput
-from workers.engine.sampling_params import SamplingParams
 
 ROLES = ("prefill", "decode", "mixed")
 """Serving roles a worker can have: prefill only, decode only, or both in one worker."""
@@ -16,57 +17,6 @@ ROLES = ("prefill", "decode", "mixed")
 
 class WrongRoleError(ValueError):
     """A call the worker's role does not serve, e.g. `generate` on a prefill worker (a routing bug)."""
-
-
-@dataclass(kw_only=True, frozen=True)
-class GenerateCall:
-    """One request as the router hands it to a worker."""
-
-    request_id: str
-    """Unique id of the request across the cluster; the engine refuses a duplicate."""
-    prompt: str | None = None
-    """Prompt text; exactly one of `prompt` and `prompt_token_ids` is given."""
-    prompt_token_ids: tuple[int, ...] | None = None
-    """Already tokenized prompt; exactly one of `prompt` and `prompt_token_ids` is given."""
-    sampling: SamplingParams
-    """How to sample and when to stop."""
-    adapter: str | None = None
-    """LoRA adapter name, or None for the base model."""
-    priority: int = 0
-    """Lower is more important (the engine's convention)."""
-    resume_output_token_ids: tuple[int, ...] = ()
-    """Failover: output tokens the client already received. The worker recomputes prompt + these, continues at
-    output index `len(resume_output_token_ids)` (they count toward `max_tokens` and stop checks) and never
-    re-emits them."""
-    resume_num_text_chars: int = 0
-    """Failover: characters of output text the client already received; text resumes after them."""
-
-    def __post_init__(self) -> None:
-        if not self.request_id:
-            raise ValueError("request_id must be a non-empty string")
-        object.__setattr__(self, "resume_output_token_ids", tuple(int(t) for t in self.resume_output_token_ids))
-        if self.resume_num_text_chars < 0:
-            raise ValueError(f"resume_num_text_chars must be >= 0, got {self.resume_num_text_chars}")
-        if (self.prompt is None) == (self.prompt_token_ids is None):
-            raise ValueError("give exactly one of prompt and prompt_token_ids")
-        if self.prompt_token_ids is not None:
-            # Accept lists from callers but keep the dataclass hashable.
-            object.__setattr__(self, "prompt_token_ids", tuple(int(t) for t in self.prompt_token_ids))
-
-    @property
-    def engine_prompt(self) -> str | list[int]:
-        """The prompt in the form `Engine.add_request` takes."""
-        return self.prompt if self.prompt is not None else list(self.prompt_token_ids or ())
-
-    @property
-    def resume_kwargs(self) -> dict[str, object]:
-        """The resume arguments of `Engine.add_request` (empty for a fresh request)."""
-        if not self.resume_output_token_ids:
-            return {}
-        return {
-            "resume_output_token_ids": self.resume_output_token_ids,
-            "resume_num_text_chars": self.resume_num_text_chars,
-        }
 
 
 @dataclass(kw_only=True)
@@ -255,12 +205,12 @@ class PrefillResult:
     """Size of the exported KV (0 when the request already finished)."""
 
 
-def chunk_from_output(output: RequestOutput, *, seq: int, worker_id: str) -> TokenChunk:
-    """The stream chunk for one engine step's output; `seq` is the stream index of its first new token."""
+def chunk_from_output(output: RequestOutput, *, worker_id: str) -> TokenChunk:
+    """The stream chunk for one engine step's output (it owns `output`'s lists from now on)."""
     return TokenChunk(
         request_id=output.request_id,
-        seq=seq,
-        token_ids=list(output.new_token_ids),
+        seq=output.num_output_tokens - len(output.new_token_ids),
+        token_ids=output.new_token_ids,
         text=output.text_delta,
         # A migrated stream ends here but the request goes on elsewhere: not finished for the client.
         finished=output.finished and not output.migrated_to,

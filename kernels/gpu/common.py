@@ -30,11 +30,6 @@ def next_pow2(n: int, floor: int = 1) -> int:
     return max(triton.next_power_of_2(max(int(n), 1)), floor)
 
 
-def tl_dtype(dtype: torch.dtype) -> tl.dtype:
-    """The Triton element type matching a torch float dtype."""
-    return {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}[dtype]
-
-
 def num_sms(device: torch.device) -> int:
     """Streaming multiprocessors of a CUDA device; 2 under the interpreter, so small tests still split."""
     if device.type != "cuda":

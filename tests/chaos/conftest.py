@@ -28,6 +28,7 @@ from chaos_cluster import (
 from control_plane.admin_client import admin_client_for
 from control_plane.config import ControlPlaneConfig
 from control_plane.spec import DeploymentSpec, EngineOptions, PoolSpec, Quota, TenantSpec
+from router.config import RouterConfig
 from workers import faults
 
 
@@ -55,10 +56,8 @@ def chaos(ray_cluster, tiny_llama, tmp_path_factory):
     config = ControlPlaneConfig(
         state_dir=str(state_dir),
         admin_port=0,
-        router_port=0,
-        router_http_port=0,
         metrics_port=0,
-        router_metrics_port=0,
+        router=RouterConfig(port=0, http_port=0, metrics_port=0),
         num_routers=2,
         reconcile_interval_s=0.5,
         # Slow enough that an admin call right after a Redis kill meets the outage, not the restart.

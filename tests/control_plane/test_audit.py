@@ -252,8 +252,8 @@ def test_api_keys_are_stored_only_as_hashes_anywhere_in_redis(server, store):
 def test_the_cluster_config_carries_the_lockout_settings(monkeypatch):
     from control_plane.config import ControlPlaneConfig
 
-    monkeypatch.setenv("RAYLANE_AUTH_MAX_FAILURES", "4")
-    config = ControlPlaneConfig.load(auth_failure_window_s=15.0)
-    assert config.auth_limit_config() == AuthLimitConfig(max_failures=4, window_s=15.0)
-    with pytest.raises(ValueError, match="max_failures must be an integer >= 0"):
-        ControlPlaneConfig(auth_max_failures=-2)
+    monkeypatch.setenv("RAYLANE_AUTH_LIMIT__MAX_FAILURES", "4")
+    config = ControlPlaneConfig.load(auth_limit={"window_s": 15.0})
+    assert config.auth_limit == AuthLimitConfig(max_failures=4, window_s=15.0)
+    with pytest.raises(ValueError, match=r"auth_limit\.max_failures: max_failures must be an integer >= 0"):
+        ControlPlaneConfig.from_dict({"auth_limit": {"max_failures": -2}})

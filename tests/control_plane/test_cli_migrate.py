@@ -129,10 +129,10 @@ def test_help_explains_the_command(command):
 
 def test_failover_and_rebalance_settings_are_validated():
     assert ControlPlaneConfig().rebalance_interval_s == 0.0  # the rebalancer is off unless asked for
-    assert ControlPlaneConfig().router_max_failovers == 3
+    assert ControlPlaneConfig().router.failover.max_failovers == 3
     with pytest.raises(ValueError, match="rebalance_interval_s"):
         ControlPlaneConfig(rebalance_interval_s=-1)
-    with pytest.raises(ValueError, match="router_max_failovers"):
-        ControlPlaneConfig(router_max_failovers=-1)
+    with pytest.raises(ValueError, match=r"router\.failover\.max_failovers"):
+        ControlPlaneConfig.from_dict({"router": {"failover": {"max_failovers": -1}}})
     with pytest.raises(ValueError, match="max_failovers"):
-        RouterConfig(max_failovers=-2)
+        RouterConfig.from_dict({"failover": {"max_failovers": -2}})

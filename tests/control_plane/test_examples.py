@@ -23,6 +23,16 @@ def test_chat_example_is_disaggregated():
     assert DeploymentSpec.from_yaml((EXAMPLES / "chat.yaml").read_text()).is_disaggregated
 
 
-def test_example_cluster_config_loads():
+def test_example_cluster_config_loads_and_states_the_defaults():
     config = ControlPlaneConfig.load(EXAMPLES / "cluster.yaml")
-    assert (config.admin_port, config.router_port, config.num_routers) == (50050, 50051, 1)
+    assert (config.admin_port, config.router.port, config.num_routers) == (50050, 50051, 1)
+    assert config.router.policy == ControlPlaneConfig().router.policy and not config.router.admission.enabled
+
+
+def test_router_serve_reads_the_example_cluster_files_router_section():
+    from router.config import RouterConfig
+
+    assert (
+        RouterConfig.from_yaml_file(EXAMPLES / "cluster.yaml")
+        == ControlPlaneConfig.load(EXAMPLES / "cluster.yaml").router
+    )

@@ -13,7 +13,6 @@ from control_plane.migration_policy import (
     demand_fraction,
     is_rate_allowed,
     plan_drain,
-    plan_make_room,
     plan_rebalance,
     request_demand_blocks,
 )
@@ -110,20 +109,6 @@ def test_drain_leaves_out_what_fits_nowhere_and_rejects_unknown_worker():
     assert [d.request_id for d in plan_drain("src", [src, a], config=CONFIG)] == ["ok"]
     with pytest.raises(ValueError, match="unknown worker"):
         plan_drain("nope", [src, a], config=CONFIG)
-
-
-def test_make_room_moves_worse_priorities_only_and_only_if_enough():
-    vip, low, mid = (_req(n, blocks=b, priority=p) for n, b, p in [("vip", 40, 0), ("low", 30, 5), ("mid", 20, 2)])
-    src = _worker("src", vip, low, mid)
-    dst = _worker("dst")
-    # 10 free; a priority-1 request needs 45: moving "low" (30) then "mid" (20) frees 60.
-    decisions = plan_make_room(
-        "src", [src, dst], num_blocks_needed=45, priority=1, history=NONE, now=0.0, config=CONFIG
-    )
-    assert [d.request_id for d in decisions] == ["low", "mid"]
-    # A priority-3 request may only displace "low": 10 + 30 = 40 < 45, so nothing moves.
-    assert plan_make_room("src", [src, dst], num_blocks_needed=45, priority=3, history=NONE, now=0, config=CONFIG) == []
-    assert plan_make_room("src", [src, dst], num_blocks_needed=5, priority=3, history=NONE, now=0, config=CONFIG) == []
 
 
 def test_rate_limit_and_config_validation():

@@ -267,3 +267,26 @@ def test_spec_error_is_a_value_error_with_parts():
         PoolSpec(role="mixed", replicas=-1)
     assert (info.value.path, info.value.reason) == ("replicas", "must be >= 0, got -1")
     assert str(SpecError("plain message")) == "plain message"
+
+
+def test_engine_options_are_the_engine_configs_deployment_fields_with_its_defaults():
+    from workers.engine.config import DEPLOYMENT_FIELDS, EngineConfig
+
+    options = EngineOptions()
+    assert tuple(options.to_dict()) == DEPLOYMENT_FIELDS
+    engine = EngineConfig(model="/m")
+    assert all(getattr(options, name) == getattr(engine, name) for name in DEPLOYMENT_FIELDS)  # one default each
+    built = EngineOptions(block_size=32, kv_cache_bytes=1 << 20).engine_config(model="/m", dtype="float32")
+    assert (built.block_size, built.kv_cache_bytes, built.max_num_seqs) == (32, 1 << 20, engine.max_num_seqs)
+
+
+def test_engine_options_run_the_engines_own_cross_field_checks_with_a_path():
+    message = error_of(EngineOptions, max_num_batched_tokens=64, max_num_seqs=128)
+    assert message.startswith("max_num_seqs: max_num_seqs cannot exceed max_num_batched_tokens")
+    assert error_of(EngineOptions, block_size=64, max_num_batched_tokens=32).startswith("max_num_batched_tokens: ")
+
+
+def test_the_admin_proto_carries_every_engine_option():
+    from protos.raylane.v1 import control_pb2
+
+    assert set(control_pb2.EngineOptions.DESCRIPTOR.fields_by_name) == set(EngineOptions().to_dict())

@@ -28,7 +28,7 @@ def test_cli_runs_a_cluster(ray_cluster, tiny_llama, tmp_path):
     runner = CliRunner()
     state = str(tmp_path / "state")
     config = tmp_path / "cluster.yaml"
-    config.write_text("admin_port: 0\nrouter_port: 0\nrouter_http_port: -1\nreconcile_interval_s: 0.5\n")
+    config.write_text("admin_port: 0\nrouter: {port: 0, http_port: -1}\nreconcile_interval_s: 0.5\n")
     address = ray_cluster.get_runtime_context().gcs_address
 
     code, output = _invoke(runner, "up", "--address", address, "--config", str(config), "--state-dir", state)
@@ -103,7 +103,10 @@ def test_cli_kubernetes_style_start_with_separate_router(ray_cluster, tiny_llama
 
     runner = CliRunner()
     state = str(tmp_path / "state")
-    (tmp_path / "cluster.yaml").write_text("admin_port: 0\nreconcile_interval_s: 0.5\n")
+    # One file for both, as the chart's ConfigMap: `up` reads it all, `router serve --config` its router section.
+    (tmp_path / "cluster.yaml").write_text(
+        "admin_port: 0\nreconcile_interval_s: 0.5\nrouter: {policy: raylane, admission: {enabled: true}}\n"
+    )
     (tmp_path / "deployments").mkdir()
     # A 1 MiB KV pool (128 blocks) so an overload burst meets admission control.
     (tmp_path / "deployments" / "chat.yaml").write_text(
@@ -121,13 +124,15 @@ def test_cli_kubernetes_style_start_with_separate_router(ray_cluster, tiny_llama
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    cmd = [sys.executable, "-m", "control_plane.cli", "router", "serve", "--address", address, "--port", str(port)]
+    cmd = [sys.executable, "-m", "control_plane.cli", "router", "serve", "--config", str(tmp_path / "cluster.yaml")]
+    cmd += ["--address", address, "--port", str(port)]
     cmd.append("--http-port=-1")  # a free port: the default 8000 may be taken on a shared machine
     router_log_path = tmp_path / "router.log"
     router_log = router_log_path.open("w")
     router = subprocess.Popen(
-        # The full policy with predictive admission, end to end on real workers; --verbose logs every decision.
-        [*cmd, "--host", "127.0.0.1", "--wait-for-ray", "30", "--policy", "raylane", "--admission", "--verbose"],
+        # The full policy with predictive admission (from the file), end to end on real workers; --verbose logs
+        # every decision.
+        [*cmd, "--host", "127.0.0.1", "--wait-for-ray", "30", "--verbose"],
         stdout=router_log,
         stderr=subprocess.STDOUT,
         text=True,

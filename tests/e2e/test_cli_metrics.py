@@ -27,7 +27,7 @@ def test_up_and_status_print_the_metrics_addresses(ray_cluster, tmp_path):
     state = str(tmp_path / "state")
     config = tmp_path / "cluster.yaml"
     # -1: free ports, so this cluster never collides with another on the shared default 9090/9091.
-    config.write_text("admin_port: 0\nrouter_port: 0\nrouter_http_port: 0\nmetrics_port: -1\nrouter_metrics_port: -1\n")
+    config.write_text("admin_port: 0\nmetrics_port: -1\nrouter: {port: 0, http_port: 0, metrics_port: -1}\n")
     address = ray_cluster.get_runtime_context().gcs_address
     result = runner.invoke(app, ["up", "--address", address, "--config", str(config), "--state-dir", state])
     try:
@@ -40,7 +40,7 @@ def test_up_and_status_print_the_metrics_addresses(ray_cluster, tmp_path):
         assert at_status and at_status.groups() == at_up.groups(), result.output
         control_plane, router = at_up.groups()
         assert "raylane_reconcile_step_duration_seconds" in _metric_names(control_plane)
-        # The HTTP front is off (router_http_port: 0): the metrics port is where this router's metrics are.
+        # The HTTP front is off (router.http_port: 0): the metrics port is where this router's metrics are.
         assert {"raylane_requests", "raylane_time_to_first_token_seconds"} <= _metric_names(router)
     finally:
         result = runner.invoke(app, ["down", "--state-dir", state])

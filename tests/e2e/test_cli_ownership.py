@@ -60,8 +60,7 @@ def test_up_then_down_stops_its_own_head_and_redis_and_nothing_else(ray_cluster,
     state = tmp_path / "state"
     config = tmp_path / "cluster.yaml"
     config.write_text(
-        "admin_port: 0\nrouter_port: 0\nmetrics_port: 0\nrouter_metrics_port: 0\nrouter_http_port: 0\n"
-        "reconcile_interval_s: 0.5\n"
+        "admin_port: 0\nmetrics_port: 0\nrouter: {port: 0, metrics_port: 0, http_port: 0}\nreconcile_interval_s: 0.5\n"
     )
     session_address = ray_cluster.get_runtime_context().gcs_address
     assert _session_cluster_works(ray_cluster)

@@ -26,6 +26,7 @@ from router.client import (
     QuotaExceededError,
     RaylaneError,
 )
+from router.config import RouterConfig
 from router.length_predictor import LengthPredictor
 
 pytestmark = pytest.mark.slow
@@ -58,7 +59,7 @@ def cluster(ray_cluster, tiny_llama, tiny_loras, tmp_path_factory):
 
     state_dir = tmp_path_factory.mktemp("cluster-state")
     config = ControlPlaneConfig(
-        state_dir=str(state_dir), admin_port=0, router_port=0, router_http_port=-1, reconcile_interval_s=0.5
+        state_dir=str(state_dir), admin_port=0, router=RouterConfig(port=0, http_port=-1), reconcile_interval_s=0.5
     )
     handle, info = start_control_plane(config, detached=False)
     admin = admin_client_for(config, info.admin_address)

@@ -19,6 +19,7 @@ from control_plane.config import ControlPlaneConfig
 from control_plane.pools import actor_name
 from control_plane.spec import DeploymentSpec, EngineOptions, PoolSpec, Quota, TenantSpec
 from router.client import Chunk, Client, RaylaneError
+from router.config import RouterConfig
 
 pytestmark = pytest.mark.slow
 
@@ -64,7 +65,7 @@ def cluster(ray_cluster, tiny_llama, tmp_path_factory):
 
     state_dir = tmp_path_factory.mktemp("failover-state")
     config = ControlPlaneConfig(
-        state_dir=str(state_dir), admin_port=0, router_port=0, router_http_port=-1, reconcile_interval_s=0.5
+        state_dir=str(state_dir), admin_port=0, router=RouterConfig(port=0, http_port=-1), reconcile_interval_s=0.5
     )
     handle, info = start_control_plane(config, detached=False)
     admin = admin_client_for(config, info.admin_address, timeout_s=180)

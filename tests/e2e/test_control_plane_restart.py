@@ -22,6 +22,7 @@ from control_plane.config import ControlPlaneConfig
 from control_plane.redis_server import DATA_SUBDIR, _is_alive, registered_pid, stop_orphan
 from control_plane.spec import DeploymentSpec, EngineOptions, PoolSpec, Quota, TenantSpec
 from router.client import AuthenticationError, Client, UnavailableError
+from router.config import RouterConfig
 
 pytestmark = pytest.mark.slow
 
@@ -66,8 +67,7 @@ def cluster(ray_cluster, tiny_llama, tmp_path_factory):
     config = ControlPlaneConfig(
         state_dir=str(state_dir),
         admin_port=0,
-        router_port=0,
-        router_http_port=-1,
+        router=RouterConfig(port=0, http_port=-1),
         reconcile_interval_s=0.5,
         # Slow enough that an admin call right after a Redis kill meets the outage, not the restart.
         redis_check_interval_s=3.0,

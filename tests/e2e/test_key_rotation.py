@@ -16,7 +16,7 @@ from control_plane.admin_client import admin_client_for
 from control_plane.config import ControlPlaneConfig
 from control_plane.spec import DeploymentSpec, EngineOptions, PoolSpec, Quota, TenantSpec
 from router.client import AuthenticationError, Chunk, Client, RaylaneError
-from router.server import RouterConfig
+from router.config import RouterConfig
 
 pytestmark = pytest.mark.slow
 
@@ -52,10 +52,8 @@ def cluster(ray_cluster, tiny_llama, tmp_path_factory):
     config = ControlPlaneConfig(
         state_dir=str(tmp_path_factory.mktemp("rotation-state")),
         admin_port=0,
-        router_port=0,
-        router_http_port=0,
         metrics_port=0,
-        router_metrics_port=0,
+        router=RouterConfig(port=0, http_port=0, metrics_port=0),
         reconcile_interval_s=0.5,
     )
     handle, info = start_control_plane(config, detached=False)

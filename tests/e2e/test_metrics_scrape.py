@@ -25,6 +25,7 @@ from control_plane.admin_client import admin_client_for
 from control_plane.config import ControlPlaneConfig
 from control_plane.spec import AdapterSpec, DeploymentSpec, EngineOptions, PoolSpec, Quota, TenantSpec
 from router.client import Client, QuotaExceededError
+from router.config import RouterConfig
 from router.worker_metrics import WORKER_LABELS
 
 pytestmark = pytest.mark.slow
@@ -74,10 +75,8 @@ def cluster(ray_cluster, tiny_llama, tiny_loras, tmp_path_factory):
     config = ControlPlaneConfig(
         state_dir=str(tmp_path_factory.mktemp("metrics-state")),
         admin_port=0,
-        router_port=0,
-        router_http_port=-1,
         metrics_port=-1,  # free ports: other clusters on this machine may hold 9090/9091
-        router_metrics_port=-1,
+        router=RouterConfig(port=0, http_port=-1, metrics_port=-1),
         reconcile_interval_s=0.5,
     )
     handle, info = start_control_plane(config, detached=False)

@@ -14,6 +14,7 @@ import pytest
 from control_plane.admin_client import admin_client_for
 from control_plane.config import ControlPlaneConfig
 from control_plane.spec import AdapterSpec, DeploymentSpec, EngineOptions, PoolSpec, Quota, TenantSpec
+from router.config import RouterConfig
 
 pytestmark = pytest.mark.slow
 
@@ -39,8 +40,7 @@ def cluster(ray_cluster, tiny_llama, tiny_loras, tmp_path_factory):
     config = ControlPlaneConfig(
         state_dir=str(tmp_path_factory.mktemp("openai-state")),
         admin_port=0,
-        router_port=0,
-        router_http_port=-1,
+        router=RouterConfig(port=0, http_port=-1),
         reconcile_interval_s=0.5,
     )
     handle, info = start_control_plane(config, detached=False)

@@ -158,18 +158,19 @@ def test_router_service_and_ports_match_the_cli_defaults(render):
     objects = render()
     service = find(objects, "Service", f"{FULLNAME}-router")
     port, http = service["spec"]["ports"]
-    assert (port["name"], port["port"], port["targetPort"]) == ("grpc", defaults.router_port, "grpc")
-    assert (http["name"], http["port"], http["targetPort"]) == ("http", defaults.router_http_port, "http")
+    assert (port["name"], port["port"], port["targetPort"]) == ("grpc", defaults.router.port, "grpc")
+    assert (http["name"], http["port"], http["targetPort"]) == ("http", defaults.router.http_port, "http")
     pod = find(objects, "Deployment", f"{FULLNAME}-router")["spec"]["template"]["spec"]
     container = pod["containers"][0]
-    assert {p["name"]: p["containerPort"] for p in container["ports"]}["grpc"] == defaults.router_port
+    assert {p["name"]: p["containerPort"] for p in container["ports"]}["grpc"] == defaults.router.port
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-        assert container[probe]["grpc"] == {"port": defaults.router_port}, probe
+        assert container[probe]["grpc"] == {"port": defaults.router.port}, probe
     command = shlex.split(" ".join(container["command"][2:] + container["args"]))
     serve = command[command.index("raylane") :]
     assert serve[:3] == ["raylane", "router", "serve"]
-    assert serve[serve.index("--port") + 1] == str(defaults.router_port)
-    assert serve[serve.index("--http-port") + 1] == str(defaults.router_http_port)
+    assert serve[serve.index("--config") + 1] == "/etc/raylane/cluster.yaml"
+    assert serve[serve.index("--port") + 1] == str(defaults.router.port)
+    assert serve[serve.index("--http-port") + 1] == str(defaults.router.http_port)
     assert serve[serve.index("--host") + 1] == "0.0.0.0"
     assert serve[serve.index("--address") + 1] == "auto"
     # The router joins Ray through KubeRay's head Service, without CPUs for tasks.
@@ -191,16 +192,18 @@ def test_router_service_and_ports_match_the_cli_defaults(render):
 def test_chart_defaults_equal_the_cli_defaults():
     defaults = ControlPlaneConfig()
     values = yaml.safe_load((CHART / "values.yaml").read_text())
-    assert values["router"]["port"] == defaults.router_port
+    assert values["router"]["port"] == defaults.router.port
+    assert values["router"]["http"]["port"] == defaults.router.http_port
+    assert values["router"]["config"] == {}  # every router setting defaults to RouterConfig's, policy included
     assert values["controlPlane"]["adminPort"] == defaults.admin_port
     assert values["controlPlane"]["metricsPort"] == defaults.metrics_port
-    assert values["router"]["metricsPort"] == defaults.router_metrics_port
+    assert values["router"]["metricsPort"] == defaults.router.metrics_port
     assert values["controlPlane"]["reconcileIntervalS"] == defaults.reconcile_interval_s
 
 
 @pytest.mark.parametrize("name", VALUES_FILES)
 def test_cluster_config_and_deployments_load_in_the_control_plane(render, name, monkeypatch, tmp_path):
-    for var in ("RAYLANE_STATE_DIR", "RAYLANE_REDIS_URL", "RAYLANE_ADMIN_PORT", "RAYLANE_ROUTER_PORT"):
+    for var in ("RAYLANE_STATE_DIR", "RAYLANE_REDIS_URL", "RAYLANE_ADMIN_PORT", "RAYLANE_ROUTER__PORT"):
         monkeypatch.delenv(var, raising=False)
     objects = render(VALUES_FILES[name])
     cluster_yaml = tmp_path / "cluster.yaml"
@@ -374,7 +377,7 @@ def test_network_policies_fence_the_workers_and_redis(render):
     ]
     router = policies[f"{FULLNAME}-router"]["ingress"]
     defaults = ControlPlaneConfig()
-    ports = [{"port": defaults.router_port, "protocol": "TCP"}, {"port": defaults.router_http_port, "protocol": "TCP"}]
+    ports = [{"port": defaults.router.port, "protocol": "TCP"}, {"port": defaults.router.http_port, "protocol": "TCP"}]
     assert router == [{"ports": ports}]
     lora_objects = render(VALUES_FILES["multitenant-lora"])
     lora = {o["metadata"]["name"]: o["spec"] for o in lora_objects if o["kind"] == "NetworkPolicy"}

@@ -25,40 +25,28 @@ class EngineWorkerClient:
 
     async def generate(self, call: GenerateCall) -> AsyncIterator[TokenChunk]:
         self.calls.append("generate")
-        outputs = self.engine.generate(
-            call.request_id, call.engine_prompt, call.sampling, lora_name=call.adapter, **call.resume_kwargs
-        )
-        async with aclosing(self._chunks(outputs, first_seq=len(call.resume_output_token_ids))) as chunks:
-            async for chunk in chunks:
-                yield chunk
+        async with aclosing(self.engine.generate(call)) as outputs:
+            async for output in outputs:
+                yield self._chunk(output)
 
     async def prefill(self, call: GenerateCall) -> tuple[PrefillResult, Any]:
         self.calls.append("prefill")
-        output, export = await self.engine.prefill(
-            call.request_id, call.engine_prompt, call.sampling, lora_name=call.adapter, **call.resume_kwargs
-        )
+        output, export = await self.engine.prefill(call)
         kv_bytes = 0 if export is None else export.nbytes
-        first = self._chunk(len(call.resume_output_token_ids), output)
+        first = self._chunk(output)
         return PrefillResult(first=first, prefill_ms=0.0, kv_bytes=kv_bytes), export
 
     async def decode(self, kv: Any, call: GenerateCall) -> AsyncIterator[TokenChunk]:
         self.calls.append("decode")
-        async with aclosing(self._chunks(self.engine.resume(kv), first_seq=len(kv.output_token_ids))) as chunks:
-            async for chunk in chunks:
-                yield chunk
+        async with aclosing(self.engine.resume(kv)) as outputs:
+            async for output in outputs:
+                yield self._chunk(output)
 
     async def stats(self) -> WorkerStats:
         raise NotImplementedError("dispatch never asks for stats")
 
-    async def _chunks(self, outputs: AsyncIterator[RequestOutput], *, first_seq: int) -> AsyncIterator[TokenChunk]:
-        seq = first_seq
-        async with aclosing(outputs):
-            async for output in outputs:
-                yield self._chunk(seq, output)
-                seq += len(output.new_token_ids)
-
-    def _chunk(self, seq: int, output: RequestOutput) -> TokenChunk:
-        return chunk_from_output(output, seq=seq, worker_id=self.worker_id)
+    def _chunk(self, output: RequestOutput) -> TokenChunk:
+        return chunk_from_output(output, worker_id=self.worker_id)
 
 
 @dataclass
@@ -75,3 +63,24 @@ class TableOnly:
 
     def clients(self) -> dict:
         return {}
+
+
+def idle_stats(worker_id: str = "w-0", *, num_running: int = 0) -> WorkerStats:
+    """A mixed `chat` worker's stats report: 100 free KV blocks, `num_running` requests, nothing else going on."""
+    return WorkerStats(
+        worker_id=worker_id,
+        deployment="chat",
+        role="mixed",
+        num_running=num_running,
+        num_waiting=0,
+        kv_blocks_used=0,
+        kv_blocks_total=100,
+        kv_usage=0.0,
+        output_tokens_per_s=0.0,
+        num_generated_tokens=0,
+        prefix_cache_hit_rate=0.0,
+        num_preemptions=0,
+        adapters=[],
+        expert_counts={},
+        kv_bytes_per_block=1024,
+    )

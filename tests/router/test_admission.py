@@ -289,19 +289,17 @@ class CountingClient:
         self.peak_blocks = 0
 
     async def generate(self, call: GenerateCall) -> AsyncIterator[TokenChunk]:
-        self.held_tokens[call.request_id] = len(call.engine_prompt)
+        self.held_tokens[call.request_id] = len(call.prompt_token_ids or ())
         self._measure()
         try:
-            seq = 0
-            outputs = self.engine.generate(call.request_id, call.engine_prompt, call.sampling)
+            outputs = self.engine.generate(call)
             async with aclosing(outputs):
                 async for output in outputs:
                     self.held_tokens[call.request_id] += len(output.new_token_ids)
                     self._measure()
                     if output.finished:  # its KV is freed now, whenever the generator itself is closed
                         self.held_tokens.pop(call.request_id)
-                    yield chunk_from_output(output, seq=seq, worker_id=self.worker_id)
-                    seq += len(output.new_token_ids)
+                    yield chunk_from_output(output, worker_id=self.worker_id)
         finally:
             self.held_tokens.pop(call.request_id, None)
 

@@ -105,10 +105,10 @@ def test_bad_config_is_refused_with_a_message(config):
 
 
 def test_router_config_carries_the_limits_and_validates_them():
-    config = RouterConfig(auth_max_failures=5, auth_failure_window_s=30)
-    assert config.auth_limit_config() == AuthLimitConfig(max_failures=5, window_s=30)
-    with pytest.raises(ValueError, match="window_s must be positive"):
-        RouterConfig(auth_failure_window_s=-1)
+    config = RouterConfig.from_dict({"auth_limit": {"max_failures": 5, "window_s": 30}})
+    assert config.auth_limit == AuthLimitConfig(max_failures=5, window_s=30)
+    with pytest.raises(ValueError, match=r"router\.auth_limit\.window_s: window_s must be positive"):
+        RouterConfig.from_dict({"auth_limit": {"window_s": -1}})
 
 
 @pytest.mark.parametrize(
@@ -178,7 +178,7 @@ def front() -> Iterator[Front]:
     async def start() -> tuple[Any, int, HttpServer, int]:
         core = RouterCore(directory)
         server, port = await start_router_server(
-            RouterServicer(core, count_tokens=_count_words, auth_limit=shared), RouterConfig(host="127.0.0.1")
+            RouterServicer(core, count_tokens=_count_words, auth_limit=shared), RouterConfig(host="127.0.0.1", port=0)
         )
         http = HttpServer(build_app(core, directory, auth_limit=shared), host="127.0.0.1", port=0)
         return server, port, http, await http.start()

@@ -1,4 +1,5 @@
-"""Baseline policies (round-robin, least-outstanding, power-of-two) and the filter → score → pick WeightedPolicy."""
+"""Baseline policies (round-robin, least-outstanding, power-of-two, SGLang-style prefix cache) and the filter → score
+→ pick WeightedPolicy."""
 
 from __future__ import annotations
 
@@ -7,7 +8,14 @@ import random
 
 import pytest
 
-from router.baselines import LeastOutstandingPolicy, PowerOfTwoPolicy, RoundRobinPolicy, num_outstanding
+from router.baselines import (
+    LeastOutstandingPolicy,
+    PowerOfTwoPolicy,
+    PrefixCacheConfig,
+    PrefixCachePolicy,
+    RoundRobinPolicy,
+    num_outstanding,
+)
 from router.policy import (
     AdapterAffinityScorer,
     ClusterView,
@@ -16,11 +24,13 @@ from router.policy import (
     LoadScorer,
     NoCapacityError,
     Policy,
+    PromptHashes,
     RouteRequest,
     WeightedPolicy,
     WeightedTerm,
     WorkerView,
 )
+from workers.engine.block_manager import prefix_block_hashes
 
 
 def worker(worker_id: str, role: str = "mixed", deployment: str = "chat", **load) -> WorkerView:
@@ -42,7 +52,7 @@ def default_weighted() -> WeightedPolicy:
     return WeightedPolicy([WeightedTerm(scorer=LoadScorer()), WeightedTerm(scorer=AdapterAffinityScorer(), weight=0.5)])
 
 
-ALL_POLICIES = [RoundRobinPolicy, LeastOutstandingPolicy, PowerOfTwoPolicy, default_weighted]
+ALL_POLICIES = [RoundRobinPolicy, LeastOutstandingPolicy, PowerOfTwoPolicy, PrefixCachePolicy, default_weighted]
 
 
 # --- round-robin ---------------------------------------------------------------------------------------------------
@@ -244,6 +254,122 @@ def test_weighted_policy_rejects_a_scorer_returning_nan():
 
     with pytest.raises(ValueError, match="broken"):
         WeightedPolicy([WeightedTerm(scorer=Broken())]).route(request(), view(worker("c-0")))
+
+
+# --- prefix cache (SGLang's cache_aware) ----------------------------------------------------------------------------
+
+BS = 4
+SYSTEM = list(range(1000, 1032))  # a 32-token shared system prompt: 8 blocks of 4
+PROMPT = (*SYSTEM, 7, 8, 9)  # 8 cacheable blocks: the engine computes the last token itself
+
+
+def cached(tokens, role: str = "mixed", worker_id: str = "c-0", **load) -> WorkerView:
+    """A worker whose prefix cache holds the chained hashes of `tokens`' full blocks."""
+    hashes = frozenset(prefix_block_hashes(list(tokens), BS))
+    return worker(worker_id, role=role, kv_block_size=BS, prefix_block_hashes=hashes, **load)
+
+
+def prompt_request(tokens=PROMPT, request_id: str = "t/r1") -> RouteRequest:
+    return RouteRequest(request_id=request_id, deployment="chat", tenant="t", prompt_token_ids=tuple(tokens))
+
+
+def test_prefix_cache_goes_to_the_longest_match_over_load_when_it_covers_enough():
+    policy = PrefixCachePolicy()
+    cluster = view(
+        worker("c-0", kv_block_size=BS, num_running=1),
+        cached(SYSTEM, worker_id="c-1", num_running=9),
+        cached(SYSTEM[:16], worker_id="c-2"),
+    )
+    decision = policy.route(prompt_request(), cluster)
+    assert decision.worker_id == "c-1"  # all 8 blocks, though 9 requests busier than c-2
+    assert decision.reason == "prefix_cache mixed mixed:hit=1.00"
+    assert decision.scores == {"c-0": 1.0, "c-1": 0.0, "c-2": 0.5}
+    # Without it, half the prompt (4 of 8 blocks, > 0.3) still beats the idle worker with nothing cached.
+    assert policy.route(prompt_request(), view(cluster.workers["chat"][0], cluster.workers["chat"][2])).worker_id == (
+        "c-2"
+    )
+
+
+def test_prefix_cache_below_the_threshold_goes_to_the_least_loaded():
+    cluster = view(worker("c-0", kv_block_size=BS, num_running=1), cached(SYSTEM[:8], worker_id="c-1"))
+    # 2 of 8 blocks = 0.25: not more than the default 0.3, so load decides (c-1 is idle anyway) ...
+    decision = PrefixCachePolicy().route(prompt_request(), cluster)
+    assert (decision.worker_id, decision.reason) == ("c-1", "prefix_cache mixed mixed:miss=0.25")
+    assert decision.scores == {"c-0": 1.0, "c-1": 0.0}
+    busy = view(worker("c-0", kv_block_size=BS), cached(SYSTEM[:8], worker_id="c-1", num_waiting=1))
+    assert PrefixCachePolicy().route(prompt_request(), busy).worker_id == "c-0"
+    # ... and the threshold is strict: a match must exceed it.
+    assert PrefixCachePolicy(PrefixCacheConfig(cache_threshold=0.25)).route(prompt_request(), busy).worker_id == "c-0"
+    assert PrefixCachePolicy(PrefixCacheConfig(cache_threshold=0.2)).route(prompt_request(), busy).worker_id == "c-1"
+    # A request without token ids or hashes has nothing to match: least loaded.
+    assert PrefixCachePolicy().route(request(), busy).reason.endswith("miss=0.00")
+
+
+@pytest.mark.parametrize(
+    ("idle", "hot", "expected"),
+    [
+        (0, 65, "c-0"),  # 65 apart (> 64) and 65 > 1.5 * 0: imbalanced, shortest queue
+        (10, 74, "c-1"),  # only 64 apart: balanced, the cache wins
+        (50, 115, "c-0"),  # 65 apart and 115 > 75: imbalanced
+        (200, 265, "c-1"),  # 65 apart but 265 <= 1.5 * 200: both conditions must hold, so balanced
+    ],
+)
+def test_prefix_cache_falls_back_to_the_shortest_queue_only_when_both_imbalance_thresholds_are_passed(
+    idle, hot, expected
+):
+    cluster = view(worker("c-0", kv_block_size=BS, num_running=idle), cached(SYSTEM, worker_id="c-1", num_running=hot))
+    decision = PrefixCachePolicy().route(prompt_request(), cluster)
+    assert decision.worker_id == expected
+    assert decision.reason.endswith("imbalanced" if expected == "c-0" else "hit=1.00")
+
+
+def test_prefix_cache_breaks_ties_by_load_then_cache_size_then_worker_id():
+    policy = PrefixCachePolicy()
+    # Equal hits: the less loaded, then the lower id.
+    hits = view(cached(SYSTEM, worker_id="c-2"), cached(SYSTEM, worker_id="c-1", num_running=1))
+    assert policy.route(prompt_request(), hits).worker_id == "c-2"
+    hits = view(cached(SYSTEM, worker_id="c-2"), cached(SYSTEM, worker_id="c-1"))
+    assert policy.route(prompt_request(), hits).worker_id == "c-1"
+    # Misses at equal load: the one holding fewer blocks, then the lower id.
+    misses = view(cached([1, 2, 3, 4, 5, 6, 7, 8], worker_id="c-0"), cached([9, 9, 9, 9], worker_id="c-1"))
+    assert policy.route(prompt_request(), misses).worker_id == "c-1"
+    misses = view(worker("c-3"), worker("c-2"))
+    assert policy.route(prompt_request(), misses).worker_id == "c-2"
+
+
+def test_prefix_cache_reads_precomputed_hashes_at_the_summary_block_size():
+    # The simulator's requests carry their trace's block hashes; its workers summarise at that block size.
+    hashes = PromptHashes(block_size=512, hashes=(11, 12, 13, 14))
+    req = RouteRequest(request_id="t/r1", deployment="chat", tenant="t", prompt_hashes=hashes)
+    cluster = view(
+        worker("c-0"),
+        worker("c-1", num_running=3, prefix_block_size=512, prefix_block_hashes=frozenset({11, 12, 13, 99})),
+        worker("c-2", num_running=1, prefix_block_size=512, prefix_block_hashes=frozenset({12, 13, 14})),
+    )
+    decision = PrefixCachePolicy().route(req, cluster)
+    assert (decision.worker_id, decision.scores["c-2"]) == ("c-1", 1.0)  # c-2 lacks block 0: the chain breaks
+    assert decision.reason.endswith("hit=0.75")
+
+
+def test_prefix_cache_places_decode_by_load_and_prefill_by_cache():
+    cluster = view(
+        worker("p-0", role="prefill", kv_block_size=BS),
+        cached(SYSTEM, role="prefill", worker_id="p-1", num_running=2),
+        cached(SYSTEM, role="decode", worker_id="d-0", num_running=1),
+        worker("d-1", role="decode", kv_block_size=BS),
+    )
+    decision = PrefixCachePolicy().route(prompt_request(), cluster)
+    assert (decision.prefill_worker_id, decision.worker_id) == ("p-1", "d-1")
+    assert decision.reason == "prefix_cache prefill+decode prefill:hit=1.00 decode:load"
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("cache_threshold", 1.5), ("balance_abs_threshold", -1), ("balance_rel_threshold", 0.5)],
+)
+def test_prefix_cache_config_rejects_bad_values(field, value):
+    with pytest.raises(ValueError, match=field):
+        PrefixCacheConfig(**{field: value})
 
 
 # --- shared behaviour ----------------------------------------------------------------------------------------------

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 
+from inprocess_workers import idle_stats
+
 from router.server import RayDirectory, RouterConfig, RoutingState, WorkerEntry
 from router.table import DeploymentRoute, RoutingTable
 from workers.engine.errors import EngineDeadError
@@ -12,23 +14,7 @@ from workers.messages import WorkerStats
 
 
 def _stats(num_running: int) -> WorkerStats:
-    return WorkerStats(
-        worker_id="w-0",
-        deployment="chat",
-        role="mixed",
-        num_running=num_running,
-        num_waiting=0,
-        kv_blocks_used=0,
-        kv_blocks_total=100,
-        kv_usage=0.0,
-        output_tokens_per_s=0.0,
-        num_generated_tokens=0,
-        prefix_cache_hit_rate=0.0,
-        num_preemptions=0,
-        adapters=[],
-        expert_counts={},
-        kv_bytes_per_block=1024,
-    )
+    return idle_stats(num_running=num_running)
 
 
 class _Worker:

@@ -14,7 +14,7 @@ from contextlib import aclosing
 from typing import Any
 
 import pytest
-from inprocess_workers import EngineWorkerClient
+from inprocess_workers import EngineWorkerClient, idle_stats
 
 from router.core import GenerateInput, RouterCore
 from router.dispatch import FailoverConfig, run_placed
@@ -421,25 +421,7 @@ class _Remote:
 
 
 def _stats(worker_id: str):
-    from workers.messages import WorkerStats
-
-    return WorkerStats(
-        worker_id=worker_id,
-        deployment="chat",
-        role="mixed",
-        num_running=0,
-        num_waiting=0,
-        kv_blocks_used=0,
-        kv_blocks_total=100,
-        kv_usage=0.0,
-        output_tokens_per_s=0.0,
-        num_generated_tokens=0,
-        prefix_cache_hit_rate=0.0,
-        num_preemptions=0,
-        adapters=[],
-        expert_counts={},
-        kv_bytes_per_block=1024,
-    )
+    return idle_stats(worker_id)
 
 
 def test_ray_directory_keeps_a_lost_worker_unhealthy_until_a_later_stats_answer():

@@ -65,9 +65,10 @@ def test_load_voids_the_cache_credit_so_a_hot_prefix_cannot_pile_up():
     hashes = frozenset(prefix_block_hashes(PROMPT[:-1], BLOCK))
     cluster = view(
         worker("p0", role="prefill", kv_block_size=BLOCK, prefix_block_hashes=frozenset()),
-        worker("p1", role="prefill", kv_block_size=BLOCK, prefix_block_hashes=hashes, num_running=3),
+        worker("p1", role="prefill", kv_block_size=BLOCK, prefix_block_hashes=hashes, num_running=17),
         decode_worker("d0"),
     )
+    # Past `max_load_gap` (16 requests above the least loaded) the holder gets no credit.
     assert RaylanePolicy().route(request(tokens=PROMPT), cluster).prefill_worker_id == "p0"
 
 

@@ -47,14 +47,14 @@ def test_model_names_select_a_deployment_and_an_adapter():
 
 
 def test_http_port_settings_zero_is_off_and_minus_one_a_free_port():
-    assert RouterConfig().http_port == ControlPlaneConfig().router_http_port == 8000
+    assert RouterConfig().http_port == ControlPlaneConfig().router.http_port == 8000
     for good in (HTTP_OFF, HTTP_FREE_PORT, 1, 65535):
         check_http_port("http_port", good)
     for bad in (-2, 65536, True, "8000"):
         with pytest.raises(ValueError, match="0 \\(off\\) or -1 \\(a free port\\)"):
             check_http_port("http_port", bad)
-    with pytest.raises(ValueError, match="router_http_port"):
-        ControlPlaneConfig(router_http_port=-5)
+    with pytest.raises(ValueError, match=r"router\.http_port"):
+        ControlPlaneConfig.from_dict({"router": {"http_port": -5}})
     with pytest.raises(ValueError, match="http_port"):
         RouterConfig(http_port=70000)
     # Replica i of a cluster gets port + i, like the gRPC ports; off and free stay so.

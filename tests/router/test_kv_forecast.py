@@ -222,7 +222,23 @@ def test_the_directory_view_carries_the_kv_fields_workers_report():
         expert_counts={},
         kv_bytes_per_block=4096,
     )
+    directory._refresh_views()  # what `refresh_table` does once the state arrived
     directory._stats["chat-decode-0"] = (time.monotonic(), stats)
+    directory._refresh_worker("chat-decode-0", time.monotonic())  # what a stats answer does
     (worker,) = directory.view().workers["chat"]
     assert (worker.kv_blocks_used, worker.kv_blocks_total, worker.kv_bytes_per_block) == (40, 100, 4096)
     assert worker.output_tokens_per_s == 90.0 and worker.kv_ledger is None
+
+
+def test_set_generated_and_move_keep_one_entry_per_request():
+    ledger = KvLedger()
+    ledger.place("a", worker_id="w0", num_prompt_tokens=10, max_tokens=50, predicted_output_p50=20.0)
+    ledger.set_generated("a", 7)
+    ledger.set_generated("unknown", 3)  # released already: ignored, like record_tokens
+    assert ledger.snapshot("w0").requests[0].num_generated == 7
+    assert ledger.move("a", "w1") and not ledger.move("unknown", "w1")
+    assert ledger.worker_ids() == ["w1"] and ledger.num_tracked("w0") == 0
+    assert ledger.snapshot("w1").requests[0] == RequestKv(
+        num_prompt_tokens=10, num_generated=7, max_tokens=50, predicted_output_p50=20.0
+    )
+    assert ledger.finish("a") and len(ledger) == 0 and ledger.worker_ids() == []

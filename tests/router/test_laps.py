@@ -1,4 +1,4 @@
-"""LAPS: the learned short/long threshold, the worker partition, the short-prefill batcher and the two queues."""
+"""LAPS: the learned short/long threshold and the worker partition the `raylane` policy scores with."""
 
 from __future__ import annotations
 
@@ -8,28 +8,12 @@ import pytest
 
 from router.laps import (
     LapsConfig,
-    LapsPrefillPolicy,
     LapsPrefillScorer,
     LengthSplitter,
     PrefillPartitioner,
-    ShortPrefillBatcher,
-    TwoQueueScheduler,
-    choose_queue,
     num_long_workers,
 )
 from router.policy import ClusterView, LoadScorer, RouteRequest, WeightedPolicy, WeightedTerm, WorkerView
-from router.prefix_affinity import pool_from_view
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance_ms(self, ms: float) -> None:
-        self.now += ms / 1000.0
 
 
 def feed(splitter: LengthSplitter, lengths) -> None:
@@ -107,55 +91,51 @@ def test_num_long_workers_is_proportional_with_one_of_each_and_hysteresis():
     assert num_long_workers(10, 0.38, 3, 0.25) == 4
 
 
+def partitioned(splitter: LengthSplitter, view: dict[str, ClusterView]) -> WeightedPolicy:
+    """Least loaded within the request's length class, as the `raylane` policy weighs the LAPS term."""
+    scorer = LapsPrefillScorer(splitter, pool=lambda req, w: view["now"].candidates(w.deployment, w.role))
+    return WeightedPolicy([WeightedTerm(scorer=LoadScorer()), WeightedTerm(scorer=scorer, weight=100.0)])
+
+
 def test_spatial_partition_is_proportional_to_token_share_and_disjoint():
     rng = random.Random(4)
     # 75% short prompts of ~100 tokens, 25% long of ~1000: longs carry ~77% of tokens.
-    policy = LapsPrefillPolicy(LapsConfig(initial_threshold=500, min_samples=10**9))  # a fixed threshold
-    feed(
-        policy.splitter, [rng.randint(80, 120) if rng.random() < 0.75 else rng.randint(900, 1100) for _ in range(4000)]
-    )
-    share = policy.splitter.long_token_share()
+    splitter = LengthSplitter(LapsConfig(initial_threshold=500, min_samples=10**9))  # a fixed threshold
+    feed(splitter, [rng.randint(80, 120) if rng.random() < 0.75 else rng.randint(900, 1100) for _ in range(4000)])
+    share = splitter.long_token_share()
     assert share == pytest.approx(0.77, abs=0.04)
     pool = prefill_pool(10)
     decode = [WorkerView(worker_id="d0", deployment="chat", role="decode")]
-    cluster = ClusterView(workers={"chat": [*pool, *decode]})
+    view = {"now": ClusterView(workers={"chat": [*pool, *decode]})}
+    policy = partitioned(splitter, view)
     served: dict[str, set[str]] = {"short": set(), "long": set()}
     loads = {w.worker_id: 0 for w in pool}
     for i in range(400):
         length_class = "short" if i % 2 else "long"
         n = 100 if length_class == "short" else 1000
-        busy = ClusterView(
-            workers={
-                "chat": [
-                    *(
-                        WorkerView(worker_id=w, deployment="chat", role="prefill", num_running=k)
-                        for w, k in loads.items()
-                    ),
-                    *decode,
-                ]
-            }
-        )
-        decision = policy.route(request(n, f"t/r{i}"), busy)
+        busy = (WorkerView(worker_id=w, deployment="chat", role="prefill", num_running=k) for w, k in loads.items())
+        view["now"] = ClusterView(workers={"chat": [*busy, *decode]})
+        decision = policy.route(request(n, f"t/r{i}"), view["now"])
         served[length_class].add(decision.prefill_worker_id)
         loads[decision.prefill_worker_id] += 1
         assert decision.worker_id == "d0"
     assert served["short"].isdisjoint(served["long"])
     assert len(served["long"]) == round(10 * share)
     assert len(served["short"]) == 10 - round(10 * share)
-    assert "class=long" in policy.route(request(5000), cluster).reason
 
 
 def test_mixed_pools_are_not_partitioned_by_default():
-    policy = LapsPrefillPolicy(LapsConfig(initial_threshold=100))
+    splitter = LengthSplitter(LapsConfig(initial_threshold=100))
     mixed = [WorkerView(worker_id=f"m{i}", deployment="chat", role="mixed", num_running=i) for i in range(3)]
-    assert policy.route(request(5000), ClusterView(workers={"chat": mixed})).worker_id == "m0"
+    view = {"now": ClusterView(workers={"chat": mixed})}
+    assert partitioned(splitter, view).route(request(5000), view["now"]).worker_id == "m0"
 
 
 def test_scorer_partitions_through_a_weighted_policy():
     splitter = LengthSplitter(LapsConfig(initial_threshold=500))
     pool = prefill_pool(4)
     cluster = ClusterView(workers={"chat": [*pool, WorkerView(worker_id="d0", deployment="chat", role="decode")]})
-    scorer = LapsPrefillScorer(splitter, pool=pool_from_view(lambda: cluster))
+    scorer = LapsPrefillScorer(splitter, pool=lambda req, w: cluster.candidates(w.deployment, w.role))
     policy = WeightedPolicy([WeightedTerm(scorer=LoadScorer()), WeightedTerm(scorer=scorer, weight=100.0)])
     assert policy.route(request(50), cluster).prefill_worker_id == "p0"
     assert policy.route(request(5000), cluster).prefill_worker_id == "p3"  # no share learned yet: one long worker
@@ -171,90 +151,6 @@ def test_partitioner_moves_one_worker_at_a_time():
     assert partitioner.members(pool[:1], "long", 0.5) == ["p0"]
 
 
-# ---- in time -----------------------------------------------------------------------------------------------------
-
-
-def test_batcher_releases_when_the_window_closes():
-    clock = FakeClock()
-    batcher = ShortPrefillBatcher(LapsConfig(window_ms=5.0, max_batch_tokens=1000), clock=clock)
-    assert batcher.add("a", 100) == []
-    clock.advance_ms(3)
-    assert batcher.add("b", 100) == []
-    assert batcher.next_release_at() == pytest.approx(100.005)
-    clock.advance_ms(1.9)
-    assert batcher.poll() == []
-    clock.advance_ms(0.1)
-    (batch,) = batcher.poll()
-    assert [i.request_id for i in batch.items] == ["a", "b"]
-    assert (batch.num_tokens, batch.reason) == (200, "window")
-    assert batcher.num_pending == 0 and batcher.next_release_at() is None and batcher.poll() == []
-
-
-def test_batcher_releases_on_size_before_the_window():
-    clock = FakeClock()
-    batcher = ShortPrefillBatcher(LapsConfig(window_ms=50.0, max_batch_tokens=300), clock=clock)
-    assert batcher.add("a", 100) == []
-    assert batcher.add("b", 150) == []
-    (full,) = batcher.add("c", 100)  # 350 would overflow: a and b leave, c waits
-    assert ([i.request_id for i in full.items], full.reason) == (["a", "b"], "size")
-    (exact,) = batcher.add("d", 200)  # c + d = 300 reaches the cap
-    assert [i.request_id for i in exact.items] == ["c", "d"]
-    (alone,) = batcher.add("e", 999)
-    assert [i.request_id for i in alone.items] == ["e"]
-
-
-def test_batcher_add_first_releases_an_overdue_batch():
-    clock = FakeClock()
-    batcher = ShortPrefillBatcher(LapsConfig(window_ms=5.0), clock=clock)
-    batcher.add("a", 10)
-    clock.advance_ms(10)
-    (late,) = batcher.add("b", 10)
-    assert [i.request_id for i in late.items] == ["a"] and batcher.num_pending == 1
-
-
-def test_two_queue_serves_shorts_first_in_arrival_order():
-    clock = FakeClock()
-    scheduler = TwoQueueScheduler(LengthSplitter(LapsConfig(initial_threshold=500)), clock=clock)
-    for rid, n in [("L1", 4000), ("s1", 10), ("s2", 20), ("L2", 900)]:
-        scheduler.push(rid, n)
-    assert [scheduler.pop().request_id for _ in range(4)] == ["s1", "s2", "L1", "L2"]
-    assert scheduler.pop() is None and len(scheduler) == 0
-
-
-def test_two_queue_bounds_starvation_by_streak():
-    clock = FakeClock()
-    scheduler = TwoQueueScheduler(LengthSplitter(LapsConfig(initial_threshold=500, max_short_streak=3)), clock=clock)
-    scheduler.push("L1", 4000)
-    scheduler.push("L2", 4000)
-    for i in range(10):
-        scheduler.push(f"s{i}", 10)
-    order = [scheduler.pop().request_id for _ in range(12)]
-    assert order == ["s0", "s1", "s2", "L1", "s3", "s4", "s5", "L2", "s6", "s7", "s8", "s9"]
-
-
-def test_two_queue_bounds_starvation_by_wait():
-    clock = FakeClock()
-    config = LapsConfig(initial_threshold=500, max_short_streak=100, max_long_wait_ms=50.0)
-    scheduler = TwoQueueScheduler(LengthSplitter(config), clock=clock)
-    scheduler.push("L", 4000)
-    for i in range(5):
-        scheduler.push(f"s{i}", 10)
-    assert scheduler.pop().request_id == "s0"
-    clock.advance_ms(50.1)
-    assert scheduler.pop().request_id == "L"
-    assert scheduler.pop().request_id == "s1"
-
-
-def test_choose_queue():
-    config = LapsConfig(max_short_streak=2, max_long_wait_ms=10.0)
-    assert choose_queue(None, None, 0, config) is None
-    assert choose_queue(0.0, None, 9, config) == "short"
-    assert choose_queue(None, 0.0, 0, config) == "long"
-    assert choose_queue(0.0, 0.001, 1, config) == "short"
-    assert choose_queue(0.0, 0.001, 2, config) == "long"
-    assert choose_queue(0.0, 0.010, 0, config) == "long"
-
-
 @pytest.mark.parametrize(
     ("field", "value"),
     [
@@ -262,11 +158,9 @@ def test_choose_queue():
         ("quantile", 1.0),
         ("short_token_share", 0.0),
         ("min_samples", 0),
-        ("max_batch_tokens", 0),
-        ("max_short_streak", 0),
         ("half_life", 0.0),
         ("hysteresis", -0.1),
-        ("window_ms", float("inf")),
+        ("partition_hysteresis", float("inf")),
     ],
 )
 def test_config_rejects_bad_values(field, value):

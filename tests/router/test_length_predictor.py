@@ -13,7 +13,6 @@ from router.length_predictor import (
     LabeledRequest,
     LengthPredictor,
     LengthPredictorConfig,
-    LogHistogram,
     evaluate,
     kendall_tau_b,
     prompt_bucket,
@@ -227,17 +226,6 @@ def test_observe_rejects_negative_lengths_and_treats_zero_as_one():
 
 
 # --- pieces --------------------------------------------------------------------------------------------------------
-
-
-def test_log_histogram_quantiles_interpolate_within_bins():
-    histogram = LogHistogram(bins_per_octave=8)
-    assert all(math.isnan(v) for v in histogram.quantiles((0.5,)))
-    for value in range(1, 1001):
-        histogram.add(value)
-    p10, p50, p90 = histogram.quantiles((0.1, 0.5, 0.9))
-    assert p10 == pytest.approx(100, rel=0.1)
-    assert p50 == pytest.approx(500, rel=0.1)
-    assert p90 == pytest.approx(900, rel=0.1)
 
 
 def test_prompt_features_and_shape_signature():

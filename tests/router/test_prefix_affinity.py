@@ -1,19 +1,17 @@
-"""Prefix-cache-aware routing: summaries, longest match, the load bound, and the policy and scorer built on them."""
+"""Prefix-cache-aware routing: summaries, longest match, the load bound, and the scorer built on them."""
 
 from __future__ import annotations
 
 import pytest
 
-from router.policy import ClusterView, LoadScorer, RouteRequest, WeightedPolicy, WeightedTerm, WorkerView
+from router.policy import ClusterView, Decision, LoadScorer, RouteRequest, WeightedPolicy, WeightedTerm, WorkerView
 from router.prefix_affinity import (
     PrefixAffinityConfig,
-    PrefixAffinityPolicy,
     PrefixAffinityScorer,
     PrefixSummary,
     bounded_miss,
     cacheable_prefix_hashes,
     longest_prefix_match,
-    pool_from_view,
 )
 from workers.engine.block_manager import KVCacheManager, prefix_block_hashes
 from workers.engine.request import Request
@@ -33,13 +31,29 @@ def worker(worker_id: str, role: str = "mixed", **load) -> WorkerView:
 
 
 def summary_of(tokens: list[int], adapter: str | None = None) -> PrefixSummary:
-    return PrefixSummary.from_hashes(BS, prefix_block_hashes(tokens, BS, adapter))
+    return PrefixSummary(block_size=BS, hashes=frozenset(prefix_block_hashes(tokens, BS, adapter)))
 
 
-def policy(summaries: dict[str, PrefixSummary], **config) -> PrefixAffinityPolicy:
-    return PrefixAffinityPolicy(
-        PrefixAffinityConfig(**config), summaries=summaries.get, prompt_tokens=lambda r: PROMPT, affinity_weight=4.0
-    )
+class AffinityPolicy:
+    """Load plus 4 x the scorer on prefill and mixed pools, least loaded on decode: how `raylane` weighs the term."""
+
+    name = "affinity"
+
+    def __init__(self, summaries: dict[str, PrefixSummary], **config) -> None:
+        self.view = ClusterView()
+        scorer = PrefixAffinityScorer(
+            PrefixAffinityConfig(**config),
+            summaries=summaries.get,
+            prompt_tokens=lambda r: PROMPT,
+            pool=lambda req, w: self.view.candidates(w.deployment, w.role),
+        )
+        prompt_roles = frozenset({"prefill", "mixed"})
+        terms = [WeightedTerm(scorer=LoadScorer()), WeightedTerm(scorer=scorer, weight=4.0, roles=prompt_roles)]
+        self.weighted = WeightedPolicy(terms, name=self.name)
+
+    def route(self, request: RouteRequest, view: ClusterView) -> Decision:
+        self.view = view
+        return self.weighted.route(request, view)
 
 
 def test_longest_match_stops_at_the_first_missing_block():
@@ -76,7 +90,7 @@ def test_bounded_miss():
 def test_worker_holding_the_prefix_wins_under_equal_load():
     summaries = {"w0": summary_of([1, 2, 3, 4]), "w1": summary_of(SYSTEM), "w2": summary_of(SYSTEM[:8])}
     cluster = ClusterView(workers={"chat": [worker(f"w{i}", num_running=2) for i in range(3)]})
-    decision = policy(summaries).route(request(), cluster)
+    decision = AffinityPolicy(summaries).route(request(), cluster)
     assert decision.worker_id == "w1"
     assert decision.scores["w1"] < decision.scores["w2"] < decision.scores["w0"]
 
@@ -85,16 +99,16 @@ def test_load_bound_kicks_in_under_skew():
     summaries = {"w0": summary_of([1, 2, 3, 4]), "w1": summary_of(SYSTEM)}
     # A small lead in load is worth paying for the cache hit ...
     near = ClusterView(workers={"chat": [worker("w0", num_running=1), worker("w1", num_running=3)]})
-    assert policy(summaries, max_load_gap=2.0).route(request(), near).worker_id == "w1"
+    assert AffinityPolicy(summaries, max_load_gap=2.0).route(request(), near).worker_id == "w1"
     # ... but past the gap the hot worker's cache earns nothing, even with a large affinity weight.
     far = ClusterView(workers={"chat": [worker("w0", num_running=1), worker("w1", num_running=4)]})
-    assert policy(summaries, max_load_gap=2.0).route(request(), far).worker_id == "w0"
+    assert AffinityPolicy(summaries, max_load_gap=2.0).route(request(), far).worker_id == "w0"
 
 
 def test_hot_prefix_spreads_once_its_worker_fills_up():
     summaries = {f"w{i}": summary_of(SYSTEM if i == 0 else [i] * 4) for i in range(3)}
     loads = {"w0": 0, "w1": 0, "w2": 0}
-    chooser = policy(summaries, max_load_gap=2.0)
+    chooser = AffinityPolicy(summaries, max_load_gap=2.0)
     for n in range(30):
         cluster = ClusterView(workers={"chat": [worker(w, num_running=k) for w, k in loads.items()]})
         loads[chooser.route(request(f"t/r{n}"), cluster).worker_id] += 1
@@ -114,7 +128,7 @@ def test_disaggregated_prefix_picks_prefill_worker_and_least_loaded_decode():
             ]
         }
     )
-    decision = policy(summaries).route(request(), cluster)
+    decision = AffinityPolicy(summaries).route(request(), cluster)
     assert (decision.prefill_worker_id, decision.worker_id) == ("p1", "d1")
 
 
@@ -125,7 +139,7 @@ def test_scorer_in_a_weighted_policy_uses_the_pool_from_the_view():
         PrefixAffinityConfig(max_load_gap=2.0),
         summaries=summaries.get,
         prompt_tokens=lambda r: PROMPT,
-        pool=pool_from_view(lambda: state["view"]),
+        pool=lambda req, w: state["view"].candidates(w.deployment, w.role),
     )
     weighted = WeightedPolicy([WeightedTerm(scorer=LoadScorer()), WeightedTerm(scorer=scorer, weight=4.0)])
     assert weighted.route(request(), state["view"]).worker_id == "w1"
@@ -145,38 +159,33 @@ def test_worker_without_summary_or_request_without_tokens_is_neutral():
 def test_adapter_requests_match_only_blocks_cached_under_that_adapter():
     summaries = {"w0": summary_of(SYSTEM), "w1": summary_of(SYSTEM, adapter="sql")}
     cluster = ClusterView(workers={"chat": [worker("w0"), worker("w1")]})
-    assert policy(summaries).route(request(adapter="sql"), cluster).worker_id == "w1"
-    assert policy(summaries).route(request(), cluster).worker_id == "w0"
+    assert AffinityPolicy(summaries).route(request(adapter="sql"), cluster).worker_id == "w1"
+    assert AffinityPolicy(summaries).route(request(), cluster).worker_id == "w0"
 
 
-def test_summary_round_trip_from_the_engine_to_the_router():
+def test_the_engines_published_hashes_match_the_routers_prompt_hashes():
     kv = KVCacheManager(num_blocks=16, block_size=BS, enable_prefix_caching=True)
     engine_request = Request(request_id="a", prompt_token_ids=[*SYSTEM, 5], sampling_params=SamplingParams())
     assert kv.allocate(engine_request, engine_request.num_tokens)
     engine_request.num_computed_tokens = engine_request.num_tokens
     kv.cache_computed_blocks(engine_request)
-    published = PrefixSummary.from_hashes(kv.block_size, kv.cached_block_hashes(PrefixAffinityConfig().summary_limit))
-    wire = published.to_bytes()
-    assert len(wire) == 13 + 8 * 8
-    received = PrefixSummary.from_bytes(wire)
-    assert received == published
-    hashes = cacheable_prefix_hashes(PROMPT, received.block_size, None, PrefixAffinityConfig())
-    assert longest_prefix_match(hashes, received.hashes) == 8
+    published = frozenset(kv.cached_block_hashes(4096))
+    assert len(published) == 8
+    # As the router sees it: the worker's view carries the set, the scorer reads it at the worker's block size.
+    cached = worker("w0", kv_block_size=kv.block_size, prefix_block_hashes=published)
+    scorer = PrefixAffinityScorer(pool=None)
+    assert (
+        scorer.score(RouteRequest(request_id="t/r", deployment="chat", tenant="t", prompt_token_ids=PROMPT), cached)
+        == 0.0
+    )
+    hashes = cacheable_prefix_hashes(PROMPT, kv.block_size, None, PrefixAffinityConfig())
+    assert longest_prefix_match(hashes, published) == 8
 
 
-def test_summary_rejects_bad_bytes_and_config_rejects_bad_values():
-    wire = summary_of(SYSTEM).to_bytes()
-    with pytest.raises(ValueError, match="too short"):
-        PrefixSummary.from_bytes(wire[:5])
-    with pytest.raises(ValueError, match="carries"):
-        PrefixSummary.from_bytes(wire[:-1])
-    with pytest.raises(ValueError, match="magic"):
-        PrefixSummary.from_bytes(b"XXXX" + wire[4:])
+def test_summary_and_config_reject_bad_values():
     with pytest.raises(ValueError, match="block_size"):
         PrefixSummary(block_size=0, hashes=frozenset())
     with pytest.raises(ValueError, match="max_load_gap"):
         PrefixAffinityConfig(max_load_gap=-1)
     with pytest.raises(ValueError, match="min_match_blocks"):
         PrefixAffinityConfig(min_match_blocks=0)
-    with pytest.raises(ValueError, match="affinity_weight"):
-        PrefixAffinityPolicy(summaries={}.get, prompt_tokens=lambda r: None, affinity_weight=float("nan"))

@@ -33,8 +33,9 @@ def test_unknown_names_list_the_choices():
 
 
 def test_router_config_refuses_an_unknown_policy_at_startup():
+    from router.admission import AdmissionConfig
     from router.server import RouterConfig
 
     with pytest.raises(ValueError, match="unknown routing policy"):
         RouterConfig(policy="smartest")
-    assert RouterConfig(policy="raylane", admission=True).admission
+    assert RouterConfig(policy="raylane", admission=AdmissionConfig(enabled=True)).admission.enabled

@@ -13,12 +13,16 @@ from router.trace import (
     NUM_SPECIAL_IDS,
     Scaling,
     TraceRequest,
+    chain_block_ids,
     fit_to_context,
     load_trace,
+    prefix_sharing,
     random_prompt,
     sample_requests,
+    scale_hash_blocks,
     scale_requests,
     scaling_summary,
+    trace_prompt,
 )
 
 
@@ -130,3 +134,48 @@ def test_latency_from_token_times():
 def test_ratios_skip_engines_without_a_result():
     results = {"ours": {"output_tokens_per_s": 300.0}, "vllm": {"output_tokens_per_s": 400.0}, "transformers": {}}
     assert ratios(results) == {"ours_over_vllm": 0.75}
+
+
+def test_load_trace_detects_mooncake_and_takes_a_format(tmp_path):
+    path = tmp_path / "m.jsonl"
+    path.write_text('{"timestamp": 250, "input_length": 600, "output_length": 2, "hash_ids": [4, 5]}\n')
+    expected = [TraceRequest(arrival_s=0.0, prompt_len=600, output_len=2, block_hash_ids=(4, 5), hash_block_size=512)]
+    assert load_trace(path) == expected
+    assert load_trace(path, trace_format="mooncake") == expected
+    with pytest.raises(ValueError, match="trace format must be one of auto, azure, mooncake"):
+        load_trace(path, trace_format="burst")
+
+
+def test_scaled_hash_blocks_keep_exactly_the_shared_prefixes():
+    trace = [
+        TraceRequest(arrival_s=0.0, prompt_len=1300, output_len=1, block_hash_ids=(1, 2, 3), hash_block_size=512),
+        TraceRequest(arrival_s=0.0, prompt_len=1100, output_len=1, block_hash_ids=(1, 2, 9), hash_block_size=512),
+        TraceRequest(
+            arrival_s=0.0, prompt_len=5000, output_len=1, block_hash_ids=tuple(range(10)), hash_block_size=512
+        ),
+        req(40, 1),
+    ]
+    a, b, long, plain = scale_hash_blocks(trace, block_size=16, max_prompt_len=96)
+    # 1300 / 512 blocks -> 41 tokens of 16-token blocks; the 10-block prompt is cut to 96 tokens (6 blocks).
+    assert (a.prompt_len, a.block_hash_ids, a.hash_block_size) == (41, (1, 2, 3), 16)
+    assert (long.prompt_len, long.block_hash_ids) == (96, (0, 1, 2, 3, 4, 5))
+    assert plain == req(40, 1)
+    rng = random.Random(0)
+    pa, pb, pl = (trace_prompt(r, 512, rng) for r in (a, b, long))
+    assert (len(pa), len(pb), len(pl)) == (41, b.prompt_len, 96)
+    assert all(NUM_SPECIAL_IDS <= t < 512 for t in pa + pb + pl)
+    # Equal leading ids give equal tokens, block by block; the first differing id ends the shared prefix.
+    assert pa[:32] == pb[:32] and pa[32:34] != pb[32:34]
+    assert pa[:16] != pl[:16]  # id 1 vs id 0
+    # The same request again gives the same shared part whatever the rng (other processes, other seeds).
+    assert trace_prompt(a, 512, random.Random(7))[:41] == pa
+    # Without ids, prompts are the old random ones, drawn from the same stream.
+    assert trace_prompt(plain, 512, random.Random(3)) == random_prompt(40, 512, random.Random(3))
+
+
+def test_prefix_sharing_counts_blocks_whose_whole_prefix_came_before():
+    ids = [(1, 2, 3), (1, 2, 4), (9, 2, 3), (1, 2, 3)]
+    trace = [TraceRequest(arrival_s=0, prompt_len=1, output_len=1, block_hash_ids=i, hash_block_size=1) for i in ids]
+    # Repeated: (1), (1,2) in the second; none in the third (its own first block differs); all three in the fourth.
+    assert prefix_sharing(trace) == {"num_blocks": 12, "repeated_block_share": round(5 / 12, 4)}
+    assert len(set(chain_block_ids((1, 2, 3)))) == 3 and chain_block_ids((9, 2, 3))[1] != chain_block_ids((1, 2))[1]

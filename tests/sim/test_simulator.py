@@ -4,7 +4,10 @@ preemption, failures and migration."""
 from __future__ import annotations
 
 import pytest
+from event_checks import check_after_every_event
 
+from control_plane.migration_policy import MigrationPolicyConfig
+from router.admission import AdmissionConfig
 from router.trace import TraceRequest
 from sim.config import FailureConfig, MigrationConfig, PoolConfig, SimConfig, SloConfig, TraceConfig
 from sim.simulator import Simulator, run
@@ -101,7 +104,9 @@ def synthetic(**overrides) -> SimConfig:
         ),
         "cost_model": {"kind": "roofline", "gpu": "A100", "model": "llama-3-8b", "tp": 1},
         "policy": "raylane",
-        "migration": MigrationConfig(enabled=True, interval_s=0.2, min_gap=0.1),
+        "migration": MigrationConfig(
+            enabled=True, interval_s=0.2, policy=MigrationPolicyConfig(min_imbalance=0.1, min_interval_s=1.0)
+        ),
         "failures": (
             FailureConfig(worker_id="decode-1", at_s=5.0, recover_after_s=3.0),
             FailureConfig(worker_id="prefill-0", at_s=9.0),
@@ -160,10 +165,29 @@ def test_no_capacity_retries_until_recovery() -> None:
     assert result.ttft_s[0] >= 1.5  # waited for the worker to come back
 
 
-def test_block_accounting_holds_after_every_event() -> None:
+def test_admission_holds_a_request_back_until_a_finish_frees_its_kv() -> None:
+    pools = (PoolConfig(role="mixed", num_workers=1, kv_blocks=20),)
+    requests = [req(0.0, 30, 30), req(0.001, 30, 30)]
+    # No predictor: the forecast runs each request to max_tokens (40), so both together (146 tokens) overflow 19 blocks.
+    common = {"pools": pools, "block_size": 4, "max_tokens": 40, "use_length_predictor": False}
+    sim = Simulator(config(requests, admission=AdmissionConfig(enabled=True, headroom=0.95), **common))
+    result = sim.run()
+    first, second = sim.requests
+    assert second.first_token_s > first.finish_s  # waited, then ran alone
+    assert result.summary["num_preemptions"] == 0
+    decisions = result.summary["decisions"]
+    assert decisions["admission_waits"] >= 1 and decisions["admission_queued"] == 1
+    assert decisions["admitted"] == decisions["placed"] == 2
+    # Without admission both run at once on the 20 blocks, and one is preempted.
+    assert run(config(requests, **common)).summary["num_preemptions"] >= 1
+
+
+@pytest.mark.parametrize(
+    "admission", [AdmissionConfig(), AdmissionConfig(enabled=True, headroom=0.95)], ids=["plain", "admission"]
+)
+def test_block_accounting_holds_after_every_event(admission: AdmissionConfig) -> None:
     """Every healthy worker's blocks are free, held by a request there, or reserved for KV on its way in."""
-    sim = Simulator(synthetic())
-    handlers = sim._handlers
+    sim = Simulator(synthetic(admission=admission))
 
     def check() -> None:
         for w in sim.workers.values():
@@ -181,18 +205,7 @@ def test_block_accounting_holds_after_every_event() -> None:
             )
             assert held + pulls + landing + w.free_blocks == w.kv_blocks, (sim.now, w.worker_id)
 
-    def checked():
-        wrapped = {}
-        for kind, handler in handlers().items():
-
-            def run_and_check(a, b, handler=handler):
-                handler(a, b)
-                check()
-
-            wrapped[kind] = run_and_check
-        return wrapped
-
-    sim._handlers = checked
+    check_after_every_event(sim, check)
     sim.run()
 
 

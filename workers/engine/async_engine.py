@@ -8,15 +8,13 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
-from contextlib import aclosing
+from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
 
 from workers.engine.engine import Engine
 from workers.engine.errors import EngineDeadError, InvalidRequestError, RequestFailedError
 from workers.engine.kv_transfer import KVExport
-from workers.engine.request import RequestOutput
-from workers.engine.sampling_params import SamplingParams
+from workers.engine.request import GenerateCall, RequestOutput
 
 logger = logging.getLogger(__name__)
 
@@ -80,55 +78,22 @@ class AsyncEngine:
     async def acall(self, fn: Callable[[Engine], T]) -> T:
         return await asyncio.wrap_future(self.call(fn))
 
-    async def generate(
-        self,
-        request_id: str,
-        prompt: str | Sequence[int],
-        params: SamplingParams | None = None,
-        *,
-        lora_name: str | None = None,
-        priority: int = 0,
-        resume_output_token_ids: Sequence[int] = (),
-        resume_num_text_chars: int = 0,
-    ) -> AsyncIterator[RequestOutput]:
-        """Stream a request's outputs; with resume tokens it continues a request begun elsewhere (see `Engine`)."""
+    def generate(self, call: GenerateCall) -> AsyncIterator[RequestOutput]:
+        """Stream `call`'s outputs; with resume tokens it continues a request begun elsewhere (see `Engine`).
 
-        def add(engine: Engine) -> None:
-            engine.add_request(
-                request_id,
-                prompt,
-                params,
-                lora_name=lora_name,
-                priority=priority,
-                resume_output_token_ids=resume_output_token_ids,
-                resume_num_text_chars=resume_num_text_chars,
-            )
+        The request enters the engine on the first `anext`; closing the stream before it finished aborts it.
+        """
+        return self._stream(call.request_id, lambda engine: engine.add_request(call))
 
-        async with aclosing(self._stream(request_id, add)) as outputs:
-            async for output in outputs:
-                yield output
-
-    async def resume(self, export: KVExport) -> AsyncIterator[RequestOutput]:
+    def resume(self, export: KVExport) -> AsyncIterator[RequestOutput]:
         """Import a request exported by another engine and stream the tokens it generates from here on.
 
         The first output carries the first token this engine samples, not the ones in `export`.
         """
-        async with aclosing(self._stream(export.request_id, lambda engine: engine.import_kv(export))) as outputs:
-            async for output in outputs:
-                yield output
+        return self._stream(export.request_id, lambda engine: engine.import_kv(export))
 
-    async def prefill(
-        self,
-        request_id: str,
-        prompt: str | Sequence[int],
-        params: SamplingParams | None = None,
-        *,
-        lora_name: str | None = None,
-        priority: int = 0,
-        resume_output_token_ids: Sequence[int] = (),
-        resume_num_text_chars: int = 0,
-    ) -> tuple[RequestOutput, KVExport | None]:
-        """Run a request up to its first token, export its KV and drop it from this engine.
+    async def prefill(self, call: GenerateCall) -> tuple[RequestOutput, KVExport | None]:
+        """Run `call` up to its first token, export its KV and drop it from this engine.
 
         Returns the output that carries the first token and the export to `resume` elsewhere, or
         None for the export when the first token already finished the request (max_tokens=1, EOS,
@@ -139,23 +104,15 @@ class AsyncEngine:
         future: asyncio.Future[tuple[RequestOutput, KVExport | None]] = loop.create_future()
 
         def add(engine: Engine) -> None:
-            engine.add_request(
-                request_id,
-                prompt,
-                params,
-                lora_name=lora_name,
-                priority=priority,
-                resume_output_token_ids=resume_output_token_ids,
-                resume_num_text_chars=resume_num_text_chars,
-            )
-            self._handoffs[request_id] = (loop, future)
+            engine.add_request(call)
+            self._handoffs[call.request_id] = (loop, future)
 
         await self.acall(add)
         try:
             return await future
         finally:
             if not future.done():
-                self.call(lambda engine: self._abort(engine, request_id))
+                self.call(lambda engine: self._abort(engine, call.request_id))
 
     async def commit_migration(self, export: KVExport) -> AsyncIterator[RequestOutput]:
         """Commit an incoming migration (`Engine.import_kv(export, reserved=True)`) and return its output stream.
@@ -164,7 +121,7 @@ class AsyncEngine:
         Closing the stream after reading from it aborts the request, like `generate`.
         """
         stream = await self._register(export.request_id, lambda engine: engine.import_kv(export, reserved=True))
-        return self._read(export.request_id, stream)
+        return self._stream(export.request_id, registered=stream)
 
     async def hand_over(self, request_id: str, destination_id: str) -> bool:
         """Free a paused request that now runs on `destination_id`; its open stream ends with `migrated_to`.
@@ -180,7 +137,7 @@ class AsyncEngine:
             final = RequestOutput(
                 request_id=request_id,
                 new_token_ids=[],
-                output_token_ids=list(request.output_token_ids),
+                num_output_tokens=request.num_output_tokens,
                 finished=True,
                 migrated_to=destination_id,
                 num_prompt_tokens=request.num_prompt_tokens,
@@ -192,25 +149,16 @@ class AsyncEngine:
 
         return await self.acall(run)
 
-    async def _stream(self, request_id: str, register: Callable[[Engine], None]) -> AsyncIterator[RequestOutput]:
-        """Run `register` (which puts `request_id` into the engine) and stream that request's outputs."""
-        stream = await self._register(request_id, register)
-        async with aclosing(self._read(request_id, stream)) as outputs:
-            async for output in outputs:
-                yield output
-
-    async def _register(self, request_id: str, register: Callable[[Engine], None]) -> asyncio.Queue:
-        stream: asyncio.Queue = asyncio.Queue()
-        loop = asyncio.get_running_loop()
-
-        def add(engine: Engine) -> None:
-            register(engine)
-            self._streams[request_id] = (loop, stream)
-
-        await self.acall(add)
-        return stream
-
-    async def _read(self, request_id: str, stream: asyncio.Queue) -> AsyncIterator[RequestOutput]:
+    async def _stream(
+        self,
+        request_id: str,
+        register: Callable[[Engine], None] | None = None,
+        *,
+        registered: asyncio.Queue | None = None,
+    ) -> AsyncIterator[RequestOutput]:
+        """The one generator between the step loop and a caller: put `request_id` into the engine with
+        `register` (unless its queue is `registered` already), then yield its outputs as the loop publishes them."""
+        stream = registered if registered is not None else await self._register(request_id, register)
         finished = False
         try:
             while not finished:
@@ -224,6 +172,27 @@ class AsyncEngine:
         finally:
             if not finished:
                 self.call(lambda engine: self._abort(engine, request_id))
+
+    async def _register(self, request_id: str, register: Callable[[Engine], None]) -> asyncio.Queue:
+        stream: asyncio.Queue = asyncio.Queue()
+        loop = asyncio.get_running_loop()
+
+        def add(engine: Engine) -> None:
+            register(engine)
+            self._streams[request_id] = (loop, stream)
+
+        try:
+            await self.acall(add)
+        except asyncio.CancelledError:
+            # The add may have run before the cancel reached it: nobody would read that request, so end it.
+            self.call(lambda engine: self._abort_stream(engine, request_id, stream))
+            raise
+        return stream
+
+    def _abort_stream(self, engine: Engine, request_id: str, stream: asyncio.Queue) -> None:
+        target = self._streams.get(request_id)
+        if target is not None and target[1] is stream:
+            self._abort(engine, request_id)
 
     async def abort(self, request_id: str) -> bool:
         return await self.acall(lambda engine: self._abort(engine, request_id))
@@ -240,7 +209,7 @@ class AsyncEngine:
         final = RequestOutput(
             request_id=request_id,
             new_token_ids=[],
-            output_token_ids=[] if request is None else list(request.output_token_ids),
+            num_output_tokens=0 if request is None else request.num_output_tokens,
             finished=True,
             finish_reason="abort",
         )

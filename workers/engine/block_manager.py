@@ -35,15 +35,10 @@ def block_key(parent_hash: int | None, token_ids: Sequence[int], lora_id: int) -
     return (parent_hash, tuple(token_ids), lora_id)
 
 
-def hash_block(parent_hash: int | None, token_ids: Sequence[int], lora_id: int) -> int:
-    """Chained hash of a full block; the parent of the block after it."""
-    return hash(block_key(parent_hash, token_ids, lora_id))
-
-
 def stable_block_hash(parent_hash: int | None, token_ids: Sequence[int], adapter: str | None) -> int:
     """Process-independent chained hash (unsigned 64-bit) of a full block; the router recomputes it from tokens.
 
-    Same chaining as `hash_block`, but over a BLAKE2b digest, and the adapter is named (None: base model)
+    Same chaining as `hash(block_key(...))`, but over a BLAKE2b digest, and the adapter is named (None: base model)
     because `lora_id` is assigned per worker.
     """
     digest = hashlib.blake2b(digest_size=8)
@@ -107,9 +102,6 @@ class BlockPool:
     def num_cached(self) -> int:
         """Blocks findable by prefix lookup, in use or not."""
         return len(self._cached)
-
-    def is_cached(self, block_id: int) -> bool:
-        return self._keys[block_id] is not None
 
     def lookup(self, key: BlockKey) -> int | None:
         return self._cached.get(key)

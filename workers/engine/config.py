@@ -5,31 +5,35 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 DENSE_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 MOE_ARCHITECTURES = ("MixtralForCausalLM", "Qwen2MoeForCausalLM")
 SUPPORTED_ARCHITECTURES = DENSE_ARCHITECTURES + MOE_ARCHITECTURES
 
 _DTYPES = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float16": torch.float16,
-    "fp16": torch.float16,
+    "float32": "float32",
+    "fp32": "float32",
+    "bfloat16": "bfloat16",
+    "bf16": "bfloat16",
+    "float16": "float16",
+    "fp16": "float16",
 }
+"""Accepted names -> torch attribute; torch loads lazily, so the control plane's specs can use `EngineConfig`."""
 
 
 def parse_dtype(name: str | torch.dtype) -> torch.dtype:
     """Turn a dtype name (`float32`, `bf16`, ...) into a torch dtype."""
+    import torch
+
     if isinstance(name, torch.dtype):
         return name
     try:
-        return _DTYPES[name]
-    except KeyError:
+        return getattr(torch, _DTYPES[name])
+    except (KeyError, TypeError):
         raise ValueError(f"unknown dtype {name!r}; expected one of {sorted(_DTYPES)}") from None
 
 
@@ -112,6 +116,8 @@ class ModelConfig:
 
     def kv_bytes_per_token(self, dtype: torch.dtype) -> int:
         """Bytes of K and V one token occupies across all layers."""
+        import torch
+
         elem = torch.empty((), dtype=dtype).element_size()
         return 2 * self.num_hidden_layers * self.num_key_value_heads * self.head_dim * elem
 
@@ -191,6 +197,20 @@ MiB = 1 << 20
 QUANTIZATIONS = (None, "w4a16")
 
 
+DEPLOYMENT_FIELDS = (
+    "block_size",
+    "kv_cache_bytes",
+    "max_num_batched_tokens",
+    "max_num_seqs",
+    "max_loras",
+    "max_lora_rank",
+    "enable_prefix_caching",
+    "short_prompt_tokens",
+)
+"""The `EngineConfig` fields a deployment sets for its workers: control_plane/spec.py generates `EngineOptions`
+(types and defaults) from them, so a field and its default are written here only."""
+
+
 @dataclass(kw_only=True, frozen=True)
 class EngineConfig:
     """How one engine instance runs: memory, batching and adapter limits."""
@@ -244,8 +264,8 @@ class EngineConfig:
             raise ValueError("max_num_seqs cannot exceed max_num_batched_tokens: every running request needs a token")
         if self.max_loras < 0 or self.max_lora_rank <= 0:
             raise ValueError("max_loras must be >= 0 and max_lora_rank > 0")
-        if self.dtype != "auto":
-            parse_dtype(self.dtype)
+        if self.dtype != "auto" and self.dtype not in _DTYPES:
+            raise ValueError(f"unknown dtype {self.dtype!r}; expected one of {sorted(_DTYPES)}")
         if self.quantization not in QUANTIZATIONS:
             raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {self.quantization!r}")
         if self.quantization_group_size <= 0 or self.quantization_group_size % 8:

@@ -24,7 +24,7 @@ from workers.engine.kv_transfer import BLOCK_DIM, KVExport, gather_blocks, scatt
 from workers.engine.loader import load_model
 from workers.engine.lora import LoRAManager, token_slots
 from workers.engine.model_runner import ModelRunner, allocate_kv_cache, build_step_inputs, num_blocks_for_budget
-from workers.engine.request import Request, RequestOutput, RequestStatus
+from workers.engine.request import Completion, GenerateCall, Request, RequestOutput, RequestStatus
 from workers.engine.sampler import sample, sample_each, token_generator
 from workers.engine.sampling_params import SamplingParams
 from workers.engine.scheduler import ScheduledRequest, Scheduler, SchedulerConfig
@@ -185,46 +185,35 @@ class Engine:
 
     # ---- requests -------------------------------------------------------------------------
 
-    def add_request(
-        self,
-        request_id: str,
-        prompt: str | Sequence[int],
-        params: SamplingParams | None = None,
-        *,
-        lora_name: str | None = None,
-        priority: int = 0,
-        arrival_time: float | None = None,
-        resume_output_token_ids: Sequence[int] = (),
-        resume_num_text_chars: int = 0,
-    ) -> None:
-        """Queue a request. Raises an `InvalidRequestError` subclass for bad input.
+    def add_request(self, call: GenerateCall, *, arrival_time: float | None = None) -> None:
+        """Queue `call` as it came from the router. Raises an `InvalidRequestError` subclass for bad input.
 
-        Resuming (failover): `resume_output_token_ids` are output tokens a caller already received from
+        Resuming (failover): `call.resume_output_token_ids` are output tokens a caller already received from
         another engine. They are recomputed with the prompt (like a preempted request), count toward
         `max_tokens` and stop checks, and are never reported again: outputs start at output index
         `len(resume_output_token_ids)`, and text at character `resume_num_text_chars` of the output text.
         """
-        params = params or SamplingParams()
+        request_id, params = call.request_id, call.sampling
         if request_id in self._extras:
             raise DuplicateRequestError(f"request id {request_id!r} is already in the engine")
-        prompt_ids = self._tokenize(prompt)
+        prompt_ids = self._tokenize(call.prompt if call.prompt is not None else call.prompt_token_ids or ())
         self._check_prompt_length(len(prompt_ids))
-        resume_ids = self._check_resume(params, resume_output_token_ids, resume_num_text_chars)
+        resume_ids = self._check_resume(params, call.resume_output_token_ids, call.resume_num_text_chars)
         request = Request(
             request_id=request_id,
             prompt_token_ids=prompt_ids,
             sampling_params=params,
             eos_token_ids=self._eos_token_ids(),
-            lora_id=self._resolve_lora(lora_name),
-            lora_name=lora_name,
-            priority=priority,
+            lora_id=self._resolve_lora(call.adapter),
+            lora_name=call.adapter,
+            priority=call.priority,
             output_token_ids=resume_ids,
             **({} if arrival_time is None else {"arrival_time": arrival_time}),
         )
         extras = self._make_extras(request, num_emitted_output_tokens=0)
         if resume_ids and extras.detokenizer is not None:
             try:
-                extras.detokenizer.skip(resume_ids, resume_num_text_chars)
+                extras.detokenizer.skip(resume_ids, call.resume_num_text_chars)
             except ValueError as exc:
                 raise InvalidRequestError(f"cannot resume request {request_id!r}: {exc}") from None
         self.scheduler.add_request(request)
@@ -235,7 +224,7 @@ class Engine:
                 request_id,
                 len(prompt_ids),
                 len(resume_ids),
-                resume_num_text_chars,
+                call.resume_num_text_chars,
             )
 
     def abort(self, request_id: str) -> bool:
@@ -284,28 +273,34 @@ class Engine:
         params: SamplingParams | Sequence[SamplingParams] | None = None,
         *,
         lora_names: Sequence[str | None] | None = None,
-    ) -> list[RequestOutput]:
-        """Run prompts to completion and return one final output per prompt, in order."""
+    ) -> list[Completion]:
+        """Run prompts to completion and return one `Completion` per prompt, in order."""
         params_list = list(params) if isinstance(params, Sequence) else [params or SamplingParams()] * len(prompts)
         lora_list = list(lora_names) if lora_names is not None else [None] * len(prompts)
         if not len(params_list) == len(lora_list) == len(prompts):
             raise ValueError("prompts, params and lora_names must have the same length")
         ids = [f"generate-{time.monotonic_ns()}-{i}" for i in range(len(prompts))]
         for rid, prompt, p, lora in zip(ids, prompts, params_list, lora_list, strict=True):
-            self.add_request(rid, prompt, p, lora_name=lora)
-        finals: dict[str, RequestOutput] = {}
-        texts: dict[str, list[str]] = {rid: [] for rid in ids}
-        logprobs: dict[str, list[dict[int, float]]] = {rid: [] for rid in ids}
+            text, token_ids = (prompt, None) if isinstance(prompt, str) else (None, tuple(prompt))
+            self.add_request(
+                GenerateCall(request_id=rid, prompt=text, prompt_token_ids=token_ids, sampling=p, adapter=lora)
+            )
+        finals: dict[str, Completion] = {}
+        running = {rid: Completion(request_id=rid, output_token_ids=[], text="", finish_reason=None) for rid in ids}
         while len(finals) < len(ids):
             for out in self.step():
-                if out.request_id not in texts:
+                done = running.get(out.request_id)
+                if done is None:
                     continue
-                texts[out.request_id].append(out.text_delta)
-                logprobs[out.request_id].extend(out.logprobs or [])
+                done.output_token_ids.extend(out.new_token_ids)
+                done.text += out.text_delta
+                if out.logprobs:
+                    done.logprobs = done.logprobs or []
+                    done.logprobs.extend(out.logprobs)
                 if out.finished:
-                    out.text_delta = "".join(texts[out.request_id])
-                    out.logprobs = logprobs[out.request_id] or None
-                    finals[out.request_id] = out
+                    done.finish_reason = out.finish_reason
+                    done.num_prompt_tokens, done.num_cached_tokens = out.num_prompt_tokens, out.num_cached_tokens
+                    finals[out.request_id] = running.pop(out.request_id)
         return [finals[rid] for rid in ids]
 
     # ---- KV handoff -----------------------------------------------------------------------
@@ -459,7 +454,7 @@ class Engine:
         if isinstance(prompt, str):
             ids = self.tokenizer.encode(prompt)
         else:
-            ids = [int(t) for t in prompt]
+            ids = list(prompt)  # `GenerateCall` made them ints
             vocab = self.model_config.vocab_size
             bad = next((t for t in ids if not 0 <= t < vocab), None)
             if bad is not None:
@@ -573,13 +568,13 @@ class Engine:
     def _fail(self, request_id: str, error: str) -> RequestOutput:
         """Abort one request the step could not serve; its output carries `error` to its caller."""
         request = self.scheduler.get_request(request_id)
-        output_token_ids = [] if request is None else list(request.output_token_ids)
+        num_output_tokens = 0 if request is None else request.num_output_tokens
         self.release(request_id)
         logger.warning("request failed alone request_id=%s error=%s", request_id, error)
         return RequestOutput(
             request_id=request_id,
             new_token_ids=[],
-            output_token_ids=output_token_ids,
+            num_output_tokens=num_output_tokens,
             finished=True,
             finish_reason="abort",
             error=error,
@@ -604,7 +599,7 @@ class Engine:
         return RequestOutput(
             request_id=request.request_id,
             new_token_ids=new_ids,
-            output_token_ids=list(request.output_token_ids),
+            num_output_tokens=request.num_output_tokens,
             text_delta=text_delta,
             finished=request.is_finished,
             finish_reason=request.status.value if request.is_finished else None,

@@ -119,10 +119,6 @@ class LoRAManager:
     def list_adapters(self) -> list[str]:
         return list(self._adapters)
 
-    @property
-    def num_slots_used(self) -> int:
-        return len(self._slots)
-
     def resident_adapters(self) -> list[str]:
         """Adapters sitting in a slot (a request using one starts without a load), least recently used first."""
         return [self._by_id[lora_id].name for lora_id in self._slots]

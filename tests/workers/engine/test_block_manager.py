@@ -11,7 +11,6 @@ from workers.engine.block_manager import (
     BlockPool,
     KVCacheManager,
     block_key,
-    hash_block,
     prefix_block_hashes,
     stable_block_hash,
 )
@@ -39,10 +38,10 @@ def _compute_all(kv: KVCacheManager, req: Request) -> list[int]:
 
 
 def test_hash_is_chained_over_parent_tokens_and_adapter():
-    first = hash_block(None, [1, 2, 3, 4], 0)
+    first = hash(block_key(None, [1, 2, 3, 4], 0))
     assert first == hash(block_key(None, (1, 2, 3, 4), 0))
-    assert hash_block(first, [5, 6, 7, 8], 0) != hash_block(None, [5, 6, 7, 8], 0)
-    assert hash_block(None, [1, 2, 3, 4], 1) != first
+    assert hash(block_key(first, [5, 6, 7, 8], 0)) != hash(block_key(None, [5, 6, 7, 8], 0))
+    assert hash(block_key(None, [1, 2, 3, 4], 1)) != first
 
 
 def test_pool_rejects_empty_pool():

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 
+from tests.workers.engine.calls import make_call
 from workers.engine.async_engine import AsyncEngine
 from workers.engine.engine import Engine
 from workers.engine.errors import (
@@ -40,7 +42,7 @@ def _drain(engine: Engine) -> None:
 )
 def test_bad_prompts_are_refused(engine, prompt, error, match):
     with pytest.raises(error, match=match):
-        engine.add_request("bad", prompt)
+        engine.add_request(make_call("bad", prompt))
     assert not engine.has_unfinished()
 
 
@@ -60,27 +62,27 @@ def test_bad_sampling_params(kwargs, match):
 
 def test_unknown_adapter_and_duplicate_id(engine):
     with pytest.raises(UnknownAdapterError, match="nope"):
-        engine.add_request("a", [1, 2, 3], lora_name="nope")
-    engine.add_request("dup", [1, 2, 3], SamplingParams(max_tokens=2))
+        engine.add_request(make_call("a", [1, 2, 3], lora_name="nope"))
+    engine.add_request(make_call("dup", [1, 2, 3], SamplingParams(max_tokens=2)))
     with pytest.raises(DuplicateRequestError):
-        engine.add_request("dup", [4, 5, 6])
+        engine.add_request(make_call("dup", [4, 5, 6]))
     _drain(engine)
 
 
 def test_bad_request_does_not_disturb_others(engine):
-    engine.add_request("good", [5, 6, 7, 8], SamplingParams(max_tokens=6, ignore_eos=True))
+    engine.add_request(make_call("good", [5, 6, 7, 8], SamplingParams(max_tokens=6, ignore_eos=True)))
     engine.step()
     with pytest.raises(PromptTooLongError):
-        engine.add_request("too-long", [1] * 5000)
+        engine.add_request(make_call("too-long", [1] * 5000))
     finished = []
     while engine.has_unfinished():
         finished += [o for o in engine.step() if o.finished]
-    assert [(o.request_id, len(o.output_token_ids)) for o in finished] == [("good", 6)]
+    assert [(o.request_id, o.num_output_tokens) for o in finished] == [("good", 6)]
 
 
 def test_abort_frees_blocks(engine):
     free = engine.stats().num_kv_blocks_free
-    engine.add_request("long", list(range(3, 60)), SamplingParams(max_tokens=100, ignore_eos=True))
+    engine.add_request(make_call("long", list(range(3, 60)), SamplingParams(max_tokens=100, ignore_eos=True)))
     engine.step()
     assert engine.stats().num_kv_blocks_free < free
     assert engine.abort("long")
@@ -90,8 +92,8 @@ def test_abort_frees_blocks(engine):
 
 
 def test_stats_report_load(engine):
-    engine.add_request("s1", list(range(3, 40)), SamplingParams(max_tokens=4, ignore_eos=True))
-    engine.add_request("s2", list(range(3, 10)), SamplingParams(max_tokens=4, ignore_eos=True))
+    engine.add_request(make_call("s1", list(range(3, 40)), SamplingParams(max_tokens=4, ignore_eos=True)))
+    engine.add_request(make_call("s2", list(range(3, 10)), SamplingParams(max_tokens=4, ignore_eos=True)))
     stats = engine.stats()
     assert stats.num_waiting == 2 and stats.num_running == 0
     engine.step()
@@ -127,13 +129,13 @@ def test_max_tokens_and_stop_token(engine):
 
 def test_stop_string_cuts_text(engine):
     full = engine.generate(["The cluster is"], SamplingParams(max_tokens=16, ignore_eos=True))[0]
-    text = full.text_delta
+    text = full.text
     assert text, "the tiny model should produce some text"
     stop = text[len(text) // 2 : len(text) // 2 + 2].strip() or text[-1]
     out = engine.generate(["The cluster is"], SamplingParams(max_tokens=16, stop=(stop,), ignore_eos=True))[0]
     assert out.finish_reason == "stop"
-    assert stop not in out.text_delta
-    assert text.startswith(out.text_delta)
+    assert stop not in out.text
+    assert text.startswith(out.text)
 
 
 def test_logprobs_are_returned(engine):
@@ -150,11 +152,11 @@ def test_async_engine_streams_and_cancels(tiny_llama):
         with AsyncEngine(engine) as aengine:
             tokens = []
             params = SamplingParams(max_tokens=10, ignore_eos=True)
-            async for out in aengine.generate("a", [3, 4, 5, 6], params):
+            async for out in aengine.generate(make_call("a", [3, 4, 5, 6], params)):
                 tokens.extend(out.new_token_ids)
             assert len(tokens) == 10 and out.finished
 
-            stream = aengine.generate("b", [3, 4, 5, 6], SamplingParams(max_tokens=500, ignore_eos=True))
+            stream = aengine.generate(make_call("b", [3, 4, 5, 6], SamplingParams(max_tokens=500, ignore_eos=True)))
             async for _ in stream:
                 break
             await stream.aclose()  # a client cancel: the request must be aborted
@@ -163,8 +165,56 @@ def test_async_engine_streams_and_cancels(tiny_llama):
             assert stats.num_running == 0 and stats.num_kv_blocks_used == 0
 
             with pytest.raises(EmptyPromptError):
-                async for _ in aengine.generate("c", []):
+                async for _ in aengine.generate(make_call("c", [])):
                     pass
+
+    asyncio.run(main())
+
+
+def test_the_call_enters_the_engine_as_it_is_and_outputs_carry_only_new_tokens(engine):
+    """The router's `GenerateCall` is the engine's request (no re-packing), and a step reports only its own
+    tokens: the whole output is never copied per step, yet the outputs add up to it exactly."""
+    params = SamplingParams(max_tokens=12, ignore_eos=True, logprobs=1)
+    call = make_call("flat", list(range(3, 40)), params)
+    engine.add_request(call)
+    assert engine.scheduler.get_request("flat").sampling_params is call.sampling
+    outputs = []
+    while engine.has_unfinished():
+        outputs += [o for o in engine.step() if o.request_id == "flat"]
+    tokens = [t for o in outputs for t in o.new_token_ids]
+    assert [len(o.new_token_ids) for o in outputs] == [1] * 12
+    assert [o.num_output_tokens for o in outputs] == list(range(1, 13))
+    assert [len(o.logprobs) for o in outputs] == [1] * 12
+    whole = engine.generate([list(range(3, 40))], params)[0]
+    assert tokens == whole.output_token_ids and len(whole.logprobs) == 12
+    assert "".join(o.text_delta for o in outputs) == whole.text and whole.finish_reason == "length"
+
+
+def test_a_stream_cancelled_while_it_registers_leaves_nothing_running(tiny_llama):
+    """Cancelling the first `anext` while the request enters the engine must not leave it running unread."""
+    engine = Engine.from_pretrained(str(tiny_llama), dtype="float32")
+    add_request = engine.add_request
+
+    def slow_add_request(call, **kwargs):
+        time.sleep(0.05)  # on the engine thread: the cancel below lands while the add runs
+        add_request(call, **kwargs)
+
+    engine.add_request = slow_add_request
+
+    async def main():
+        with AsyncEngine(engine) as aengine:
+            params = SamplingParams(max_tokens=400, ignore_eos=True)
+            for i, cancel_after_s in enumerate([0.0, 0.02, 0.03, 0.1]):  # before, during (twice) and after the add
+                stream = aengine.generate(make_call(f"c{i}", [3, 4, 5], params))
+                first = asyncio.ensure_future(anext(stream))
+                await asyncio.sleep(cancel_after_s)
+                first.cancel()
+                await asyncio.gather(first, return_exceptions=True)
+                await stream.aclose()
+                # Commands run in order, so any abort the cancel queued has run before this one.
+                assert not await aengine.acall(lambda e: e.has_unfinished()), f"c{i} runs with nobody reading it"
+            stats = await aengine.acall(lambda e: e.stats())
+            assert stats.num_running == stats.num_waiting == 0 and stats.num_kv_blocks_used == 0
 
     asyncio.run(main())
 
@@ -175,7 +225,7 @@ def test_async_engine_survives_a_consumer_whose_event_loop_closed(tiny_llama):
     try:
 
         async def read_one_token_and_leave():
-            stream = aengine.generate("gone", [3, 4, 5, 6], SamplingParams(max_tokens=400, ignore_eos=True))
+            stream = aengine.generate(make_call("gone", [3, 4, 5, 6], SamplingParams(max_tokens=400, ignore_eos=True)))
             await stream.__anext__()
 
         for _ in range(3):  # the engine may publish to the closed loop before or after the abort lands
@@ -183,10 +233,10 @@ def test_async_engine_survives_a_consumer_whose_event_loop_closed(tiny_llama):
             aengine.call(lambda e: e.abort("gone")).result(timeout=10)
 
         async def full():
-            return [out async for out in aengine.generate("next", [3, 4, 5], SamplingParams(max_tokens=4))]
+            return [out async for out in aengine.generate(make_call("next", [3, 4, 5], SamplingParams(max_tokens=4)))]
 
         outputs = asyncio.run(full())
-        assert outputs[-1].finished and len(outputs[-1].output_token_ids) == 4
+        assert outputs[-1].finished and [len(o.new_token_ids) for o in outputs] == [1] * 4
         stats = aengine.call(lambda e: e.stats()).result(timeout=10)
         assert stats.num_running == 0 and stats.num_kv_blocks_used == 0
     finally:
@@ -205,14 +255,14 @@ def test_moe_stats_count_tokens_per_expert(tiny_models):
 def test_adapters_add_and_remove_at_runtime(tiny_llama, tiny_loras):
     engine = Engine.from_pretrained(str(tiny_llama), dtype="float32", max_loras=1)
     engine.add_lora("a", str(tiny_loras["a"]))
-    engine.add_request("x", [3, 4, 5], SamplingParams(max_tokens=3, ignore_eos=True), lora_name="a")
+    engine.add_request(make_call("x", [3, 4, 5], SamplingParams(max_tokens=3, ignore_eos=True), lora_name="a"))
     with pytest.raises(InvalidRequestError, match="in use"):
         engine.remove_lora("a")
     _drain(engine)
     engine.remove_lora("a")
     assert engine.list_loras() == []
     with pytest.raises(UnknownAdapterError):
-        engine.add_request("y", [3, 4, 5], lora_name="a")
+        engine.add_request(make_call("y", [3, 4, 5], lora_name="a"))
     with pytest.raises(UnknownAdapterError):
         engine.remove_lora("a")
 
@@ -227,10 +277,11 @@ def test_preemption_by_recompute_keeps_greedy_outputs(tiny_llama):
     tight = Engine.from_pretrained(str(tiny_llama), dtype="float32", kv_cache_bytes=12 * 8192)
     priorities = [0, 1, 0, 2, 1, 0]
     for i, (prompt, priority) in enumerate(zip(prompts, priorities, strict=True)):
-        tight.add_request(f"r{i}", prompt, params, priority=priority)
-    finished = {}
+        tight.add_request(make_call(f"r{i}", prompt, params, priority=priority))
+    finished: dict[str, list[int]] = {}
     while tight.has_unfinished():
-        finished.update({o.request_id: o.output_token_ids for o in tight.step() if o.finished})
+        for o in tight.step():
+            finished.setdefault(o.request_id, []).extend(o.new_token_ids)
     assert tight.stats().num_preemptions > 0
     assert [finished[f"r{i}"] for i in range(6)] == expected
     assert tight.stats().num_kv_blocks_used == 0

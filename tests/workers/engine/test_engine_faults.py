@@ -7,6 +7,7 @@ import math
 
 import pytest
 
+from tests.workers.engine.calls import make_call
 from workers.engine.async_engine import AsyncEngine
 from workers.engine.engine import Engine
 from workers.engine.errors import EngineDeadError, InvalidSamplingParamsError, RequestFailedError
@@ -43,8 +44,10 @@ def test_non_finite_sampling_values_are_refused(kwargs):
 
 
 def test_a_request_whose_sampling_fails_fails_alone(engine):
-    engine.add_request("poisoned", PROMPT, _poisoned())
-    engine.add_request("fine", PROMPT, SamplingParams(max_tokens=8, temperature=0.7, seed=3, ignore_eos=True))
+    engine.add_request(make_call("poisoned", PROMPT, _poisoned()))
+    engine.add_request(
+        make_call("fine", PROMPT, SamplingParams(max_tokens=8, temperature=0.7, seed=3, ignore_eos=True))
+    )
     outputs = {}
     while engine.has_unfinished():
         for output in engine.step():
@@ -52,7 +55,7 @@ def test_a_request_whose_sampling_fails_fails_alone(engine):
     (failed,) = outputs["poisoned"]
     assert failed.finished and failed.finish_reason == "abort" and "sampling failed" in failed.error
     fine = outputs["fine"]
-    assert fine[-1].finish_reason == "length" and len(fine[-1].output_token_ids) == 8
+    assert fine[-1].finish_reason == "length" and sum(len(o.new_token_ids) for o in fine) == 8
     assert not any(o.error for o in fine)
     assert engine.stats().num_kv_blocks_used == 0
 
@@ -60,7 +63,9 @@ def test_a_request_whose_sampling_fails_fails_alone(engine):
 def test_the_async_engine_fails_the_stream_of_a_failing_request_and_keeps_serving(engine):
     async def run(aengine: AsyncEngine) -> list[int]:
         async def collect(request_id: str, params: SamplingParams) -> list[int]:
-            return [t async for out in aengine.generate(request_id, PROMPT, params) for t in out.new_token_ids]
+            return [
+                t async for out in aengine.generate(make_call(request_id, PROMPT, params)) for t in out.new_token_ids
+            ]
 
         poisoned = asyncio.ensure_future(collect("poisoned", _poisoned()))
         fine = await collect("fine", SamplingParams(max_tokens=6, ignore_eos=True))
@@ -75,7 +80,7 @@ def test_the_async_engine_fails_the_stream_of_a_failing_request_and_keeps_servin
 
 def test_a_dead_loop_fails_its_streams_and_every_later_call_and_says_so(engine):
     async def generate(aengine: AsyncEngine) -> None:
-        async for _ in aengine.generate("r", PROMPT, SamplingParams(max_tokens=4)):
+        async for _ in aengine.generate(make_call("r", PROMPT, SamplingParams(max_tokens=4))):
             pass
 
     with AsyncEngine(engine) as aengine:

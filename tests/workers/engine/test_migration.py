@@ -6,6 +6,7 @@ import asyncio
 
 import pytest
 
+from tests.workers.engine.calls import make_call
 from workers.engine.async_engine import AsyncEngine
 from workers.engine.engine import Engine
 from workers.engine.errors import DuplicateRequestError
@@ -52,7 +53,7 @@ class _Run:
 
 def _unmigrated(model_dir, params: SamplingParams) -> _Run:
     engine = _engine(model_dir)
-    engine.add_request("x", PROMPT, params)
+    engine.add_request(make_call("x", PROMPT, params))
     run = _Run()
     run.run_to_end(engine, "x")
     return run
@@ -61,8 +62,8 @@ def _unmigrated(model_dir, params: SamplingParams) -> _Run:
 def _migrated(model_dir, params: SamplingParams, pause_at: int, **dest_kwargs) -> tuple[_Run, Engine, Engine]:
     """Migrate "x" with two pre-copy stages while it decodes, pausing it once it has `pause_at` output tokens."""
     source, dest = _engine(model_dir), _engine(model_dir, **dest_kwargs)
-    source.add_request("x", PROMPT, params)
-    source.add_request("n", NEIGHBOUR, GREEDY)  # a neighbour keeps the source's batch mixed
+    source.add_request(make_call("x", PROMPT, params))
+    source.add_request(make_call("n", NEIGHBOUR, GREEDY))  # a neighbour keeps the source's batch mixed
     run = _Run()
     run.step_until(source, "x", max(1, pause_at - 6))
     dest.reserve_kv("x", 2)  # deliberately small: stages grow the reservation
@@ -143,8 +144,8 @@ def test_reserved_blocks_are_never_preempted_or_handed_out(tiny_llama):
     dest.reserve_kv("x", total - 12)
     # Two requests of 8 blocks each in the 12 blocks left: one is preempted, neither touches the reservation.
     params = SamplingParams(max_tokens=10, ignore_eos=True)
-    dest.add_request("a", PROMPT, params)
-    dest.add_request("b", [t + 1 for t in PROMPT], params)
+    dest.add_request(make_call("a", PROMPT, params))
+    dest.add_request(make_call("b", [t + 1 for t in PROMPT], params))
     runs = {"a": _Run(), "b": _Run()}
     while dest.has_unfinished():
         outputs = dest.step()
@@ -160,7 +161,7 @@ def test_reserved_blocks_are_never_preempted_or_handed_out(tiny_llama):
 
 def test_stage_and_commit_check_their_order(tiny_llama):
     source, dest = _engine(tiny_llama), _engine(tiny_llama)
-    source.add_request("x", PROMPT, GREEDY)
+    source.add_request(make_call("x", PROMPT, GREEDY))
     _Run().step_until(source, "x", 3)
     with pytest.raises(ValueError, match="expected None"):
         dest.stage_kv(source.export_kv("x", 0, full_blocks_only=True))  # no reservation
@@ -179,7 +180,7 @@ def test_stage_and_commit_check_their_order(tiny_llama):
 def test_unpause_resumes_decoding_and_abort_frees_a_paused_request(tiny_llama):
     expected = _unmigrated(tiny_llama, GREEDY)
     engine = _engine(tiny_llama)
-    engine.add_request("x", PROMPT, GREEDY)
+    engine.add_request(make_call("x", PROMPT, GREEDY))
     run = _Run()
     run.step_until(engine, "x", 5)
     engine.pause("x")
@@ -189,7 +190,7 @@ def test_unpause_resumes_decoding_and_abort_frees_a_paused_request(tiny_llama):
     assert engine.unpause("x") and not engine.unpause("x")
     run.run_to_end(engine, "x")
     assert run.tokens == expected.tokens
-    engine.add_request("y", PROMPT, GREEDY)
+    engine.add_request(make_call("y", PROMPT, GREEDY))
     _Run().step_until(engine, "y", 2)
     engine.pause("y")
     assert engine.abort("y")
@@ -222,7 +223,7 @@ def test_driver_moves_a_decoding_request_and_ends_its_stream(tiny_llama, params)
             local = LocalDestination(dest)
             tokens: list[int] = []
             ready = asyncio.Event()
-            reader = asyncio.create_task(_consume(source.generate("x", PROMPT, params60), tokens, ready, 8))
+            reader = asyncio.create_task(_consume(source.generate(make_call("x", PROMPT, params60)), tokens, ready, 8))
             await ready.wait()
             result = await migrate(
                 source, local, "x", destination_id="d", max_stages=3, last_stage_max_blocks=1, call_timeout_s=10
@@ -254,7 +255,7 @@ def test_driver_aborts_cleanly_when_the_destination_refuses_or_the_request_ends(
             await small.acall(lambda e: e.reserve_kv("other", e.stats().num_kv_blocks_total - 2))
             tokens: list[int] = []
             ready = asyncio.Event()
-            reader = asyncio.create_task(_consume(source.generate("x", PROMPT, GREEDY), tokens, ready, 3))
+            reader = asyncio.create_task(_consume(source.generate(make_call("x", PROMPT, GREEDY)), tokens, ready, 3))
             await ready.wait()
             kwargs = {"destination_id": "d", "max_stages": 2, "last_stage_max_blocks": 1, "call_timeout_s": 10}
             refused = await migrate(source, LocalDestination(small), "x", **kwargs)
@@ -301,14 +302,14 @@ def test_driver_aborts_when_the_request_ends_or_the_destination_dies_mid_copy(ti
     async def main():
         with AsyncEngine(_engine(tiny_llama)) as source, AsyncEngine(_engine(tiny_llama)) as dest:
             ready = asyncio.Event()
-            ended = asyncio.create_task(_consume(source.generate("x", PROMPT, GREEDY), [], ready, 3))
+            ended = asyncio.create_task(_consume(source.generate(make_call("x", PROMPT, GREEDY)), [], ready, 3))
             await ready.wait()
             gone = await migrate(source, _EndsRequestDuringStage(dest, source), "x", **kwargs)
             assert await ended == "abort"
 
             tokens: list[int] = []
             ready = asyncio.Event()
-            reader = asyncio.create_task(_consume(source.generate("y", PROMPT, GREEDY), tokens, ready, 3))
+            reader = asyncio.create_task(_consume(source.generate(make_call("y", PROMPT, GREEDY)), tokens, ready, 3))
             await ready.wait()
             dead = await migrate(source, _DiesDuringStage(dest), "y", **kwargs)
             assert await reader == "length"

@@ -10,6 +10,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, GenerationConfig
 
+from tests.workers.engine.calls import make_call
 from workers.engine.engine import Engine
 from workers.engine.sampling_params import SamplingParams
 
@@ -69,15 +70,17 @@ def run_engine(model_dir, prompts, *, lora_paths=None, lora_names=None, warmup=(
     engine.runner.execute = spy
     params = SamplingParams(max_tokens=NUM_NEW_TOKENS, ignore_eos=True, detokenize=False)
     for i, prompt in enumerate(prompts):
-        engine.add_request(f"r{i}", prompt, params, lora_name=(lora_names or [None] * len(prompts))[i])
+        engine.add_request(make_call(f"r{i}", prompt, params, lora_name=(lora_names or [None] * len(prompts))[i]))
     outputs = {}
+    tokens: dict[str, list[int]] = {}
     while engine.has_unfinished():
         for out in engine.step():
+            tokens.setdefault(out.request_id, []).extend(out.new_token_ids)
             if out.finished:
                 outputs[out.request_id] = out
     return (
         engine,
-        [(outputs[f"r{i}"].output_token_ids, torch.stack(captured[f"r{i}"])) for i in range(len(prompts))],
+        [(tokens[f"r{i}"], torch.stack(captured[f"r{i}"])) for i in range(len(prompts))],
         outputs,
     )
 
