@@ -21,6 +21,7 @@ from router.admission import AdmissionConfig, AdmissionVerdict, decide_admission
 from router.kv_forecast import KvLedger
 from router.length_predictor import Features, LengthPredictor
 from router.policy import ClusterView, Decision, Policy, RouteRequest, WorkerView
+from router.pool_index import ClusterIndex
 
 logger = logging.getLogger(__name__)
 
@@ -117,7 +118,9 @@ class ViewOverlay:
         self._slots: dict[str, tuple[list[WorkerView], int]] = {}
         """Worker id -> (its deployment's list in `_view`, its index there)."""
         self._dirty: set[str] = set()
-        self._view = ClusterView()
+        self._index = ClusterIndex()
+        """Per-pool indexes over the overlaid views, updated per changed worker (policies then score a few)."""
+        self._view = ClusterView(index=self._index)
 
     def mark(self, worker_ids: Iterable[str]) -> None:
         self._dirty.update(worker_ids)
@@ -145,8 +148,12 @@ class ViewOverlay:
                 reuse = old_base.get(wid) is w and wid not in self._dirty
                 self._base_workers[wid] = w
                 self._slots[wid] = (out, len(out))
-                out.append(old_view[wid] if reuse else self._overlay(w))
-        self._view = ClusterView(workers=lists)
+                view = old_view[wid] if reuse else self._overlay(w)
+                out.append(view)
+                self._index.update(view)  # a no-op for a reused view
+        for wid in old_base.keys() - self._base_workers.keys():
+            self._index.remove(wid)
+        self._view = ClusterView(workers=lists, index=self._index)
 
     def _overlay(self, w: WorkerView) -> WorkerView:
         num_inflight = self.inflight[w.worker_id]
@@ -158,6 +165,7 @@ class ViewOverlay:
         """The one place a worker's overlaid view changes between rebases (per-pool indexes hook in here)."""
         out, i = self._slots[view.worker_id]
         out[i] = view
+        self._index.update(view)
 
 
 def without_workers(view: ClusterView, lost: Sequence[str] | frozenset[str]) -> ClusterView:

@@ -79,9 +79,10 @@ class ClusterView:
 
     workers: Mapping[str, Sequence[WorkerView]] = field(default_factory=dict)
     """Deployment name -> its workers, every role."""
-    index: ClusterIndex | None = None
+    index: ClusterIndex | None = field(default=None, compare=False)
     """Per-pool indexes over `workers` (`router.pool_index`), kept in step by whoever produces the view; None:
-    policies scan every candidate. With one, `candidates` and `roles` read it instead of scanning."""
+    policies scan every candidate. With one, `candidates` and `roles` read it instead of scanning. Derived data:
+    two views with the same workers are equal whatever their indexes."""
 
     def candidates(self, deployment: str, role: str) -> list[WorkerView]:
         """Healthy workers of `deployment` in `role` (in no guaranteed order)."""

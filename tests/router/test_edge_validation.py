@@ -62,13 +62,18 @@ class Directory:
     def view(self) -> ClusterView:
         return ClusterView(
             workers={
-                dep: [WorkerView(worker_id=wid, deployment=dep, role="mixed") for wid in self.engines]
+                # Worker ids are unique across a cluster: each deployment gets its own ids for the shared engines.
+                dep: [WorkerView(worker_id=f"{dep}-{wid}", deployment=dep, role="mixed") for wid in self.engines]
                 for dep in ("sized", "unsized")
             }
         )
 
     def clients(self) -> Mapping[str, Any]:
-        return {wid: EngineWorkerClient(wid, engine) for wid, engine in self.engines.items()}
+        return {
+            f"{dep}-{wid}": EngineWorkerClient(f"{dep}-{wid}", engine)
+            for wid, engine in self.engines.items()
+            for dep in ("sized", "unsized")
+        }
 
     def tokenize(self, deployment: str, text: str) -> tuple[int, ...]:
         self.tokenize_threads.append(threading.current_thread())

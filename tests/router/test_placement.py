@@ -159,4 +159,8 @@ def test_the_overlay_matches_a_full_rebuild_through_random_changes():
             i = ids.index(wid)
             workers[i] = dataclasses.replace(workers[i], num_running=rng.randrange(10))
             base = ClusterView(workers={"chat": workers})
-        assert overlay.view(base) == full_overlay(base, inflight, ledger), step
+        view, full = overlay.view(base), full_overlay(base, inflight, ledger)
+        assert view == full, step
+        for dep, workers in full.workers.items():  # and the index the overlay keeps agrees with a scan
+            for role in {w.role for w in workers}:
+                assert view.candidates(dep, role) == [w for w in workers if w.role == role and w.is_healthy], step
