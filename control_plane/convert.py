@@ -18,16 +18,9 @@ def deployment_from_proto(message: control_pb2.DeploymentSpec) -> DeploymentSpec
     data["adapters"] = [_adapter_dict(a, default_deployment=message.name) for a in message.adapters]
     if message.HasField("engine"):
         defaults = EngineOptions()
+        # Proto3 sends 0 for an unset integer; none of these may be 0, so 0 means "the default".
         data["engine"] = {
-            name: getattr(message.engine, name) or getattr(defaults, name)
-            for name in (
-                "block_size",
-                "kv_cache_bytes",
-                "max_num_batched_tokens",
-                "max_num_seqs",
-                "max_loras",
-                "max_lora_rank",
-            )
+            name: getattr(message.engine, name) or getattr(defaults, name) for name in EngineOptions.POSITIVE_FIELDS
         }
         if message.engine.HasField("enable_prefix_caching"):
             data["engine"]["enable_prefix_caching"] = message.engine.enable_prefix_caching

@@ -176,7 +176,7 @@ class PoolSpec:
 class _EngineOptionsMethods:
     """Validation and conversions of `EngineOptions`, whose fields are generated from `EngineConfig`."""
 
-    _INT_FIELDS: ClassVar[tuple[str, ...]] = (
+    POSITIVE_FIELDS: ClassVar[tuple[str, ...]] = (
         "block_size",
         "kv_cache_bytes",
         "max_num_batched_tokens",
@@ -194,7 +194,7 @@ class _EngineOptionsMethods:
             if tp is bool and not isinstance(value, bool):
                 raise SpecError(name, f"must be true or false, got {_describe(value)}")
             if tp is int:
-                _check_int(name, value, minimum=1 if name in self._INT_FIELDS else 0)
+                _check_int(name, value, minimum=1 if name in self.POSITIVE_FIELDS else 0)
         if self.block_size & (self.block_size - 1):
             raise SpecError("block_size", f"must be a power of two, got {self.block_size}")
         try:  # the engine's own cross-field rules (e.g. max_num_seqs <= max_num_batched_tokens), at apply time

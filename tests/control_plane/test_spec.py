@@ -202,7 +202,7 @@ def test_deployment_field_rules(fields, expected):
     assert error_of(mixed, **fields).startswith(expected)
 
 
-@pytest.mark.parametrize("name", EngineOptions._INT_FIELDS)
+@pytest.mark.parametrize("name", EngineOptions.POSITIVE_FIELDS)
 @pytest.mark.parametrize("value", [0, -4])
 def test_engine_values_must_be_positive(name, value):
     assert error_of(EngineOptions, **{name: value}) == f"{name}: must be >= 1, got {value}"
